@@ -1,0 +1,223 @@
+"""The Python API: the CLI's verbs as functions.
+
+    run = unitune.train("recipes/quickstart.yaml", ["train.steps=50"])
+    run.metrics["exact_match"], run.dir / "adapter"
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from unitune.config import ModelConfig, Recipe, load_recipe, save_recipe
+from unitune.data import Batches, DataBundle, build_data
+from unitune.engine.loop import is_main_process, train_loop
+from unitune.engine.precision import pick_device, resolve_precision
+from unitune.eval.metrics import generation_metrics, loss_metrics
+from unitune.eval.report import before_after_table, plot_loss, write_report
+from unitune.methods import apply_method, io, lora
+from unitune.models import LoadedModel, load_model
+from unitune.objectives import OBJECTIVES
+
+
+@dataclass
+class Run:
+    dir: Path
+    recipe: Recipe
+    before: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the final evaluation
+    history: list[dict] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        """The trained artefact: `adapter/` (PEFT format) or `model/` (HF format)."""
+        return self.dir / ("adapter" if self.recipe.method.name == "lora" else "model")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _numbered(base: Path) -> list[Path]:
+    """base, base-2, base-3, ... that exist, oldest first."""
+    pattern = re.compile(re.escape(base.name) + r"(?:-(\d+))?$")
+    found = [(int(m.group(1) or 1), p) for p in base.parent.glob(base.name + "*") if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
+    base = Path(recipe.output.dir) / (recipe.output.name or "run")
+    existing = _numbered(base)
+    if resume:
+        with_ckpt = [p for p in existing if any((p / "checkpoints").glob("step-*"))]
+        if not with_ckpt:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint under {base}* (set train.save_every to write them)")
+        return with_ckpt[-1]
+    if recipe.output.overwrite and base.exists():
+        shutil.rmtree(base)
+    if not base.exists() or not any(base.iterdir()):
+        return base
+    # Never overwrite an earlier run: the next free numbered name instead.
+    n = max(int(p.name.rsplit("-", 1)[1]) if p != base else 1 for p in existing) + 1
+    return base.with_name(f"{base.name}-{n}")
+
+
+def count_params(model: torch.nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
+    seed_everything(recipe.train.seed)
+    loaded = load_model(recipe.model, device)
+    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
+    seed_everything(recipe.train.seed)
+    loaded.model = apply_method(loaded.model, recipe.method)
+    return loaded, data
+
+
+def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int) -> Batches:
+    return Batches(examples, batch_size, recipe.data.packing, recipe.data.max_length, pad_id, recipe.train.seed)
+
+
+def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, samples_out: list | None = None):
+    """A closure computing every validation metric the recipe's data allows."""
+    if not val:
+        return None
+    batches = _batches(recipe, val, loaded.tokenizer.pad_token_id, recipe.eval.batch_size)
+    ev = recipe.eval
+
+    def evaluate() -> dict:
+        metrics = loss_metrics(loaded.model, batches, recipe.objective.name, recipe.objective.loss_chunk, device, amp)
+        if ev.generate:
+            scores, samples = generation_metrics(loaded.model, loaded.tokenizer, val, ev.generate, ev.max_new_tokens,
+                                                 ev.batch_size, ev.temperature)
+            metrics.update(scores)
+            if samples:
+                s = samples[0]
+                print(f"\n  sample | prompt: {s['prompt'][:120]!r}\n         | answer: {s['prediction'][:120]!r}"
+                      f"\n         | expected: {s['reference'][:120]!r}", flush=True)
+            if samples_out is not None:
+                samples_out[:] = samples
+        return metrics
+
+    return evaluate
+
+
+def save_output(run: Run, loaded: LoadedModel) -> None:
+    out = run.output
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if run.recipe.method.name == "lora":
+        io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source)
+    else:
+        loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, resume: bool = False) -> Run:
+    recipe = load_recipe(recipe, overrides)
+    device = pick_device(recipe.train.device)
+    amp = resolve_precision(recipe.train.precision, device)
+    run_dir = choose_run_dir(recipe, resume)
+    if resume:  # the run continues under the recipe it started with, plus any new overrides
+        recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    print(f"unitune: run directory {run_dir}", flush=True)
+
+    loaded, data = prepare(recipe, device)
+    run = Run(run_dir, recipe, params=count_params(loaded.model), stats=data.stats)
+    print(f"unitune: {recipe.method.name}: {run.params['trainable']:,} trainable of {run.params['total']:,} parameters "
+          f"({100 * run.params['trainable'] / run.params['total']:.3f}%); optimizer state "
+          f"{run.params['trainable'] * 8 / 2**20:.1f} MiB", flush=True)
+    print("unitune: data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()), flush=True)
+    if data.stats["truncated"]:
+        print(f"unitune: {data.stats['truncated']} examples were longer than data.max_length={recipe.data.max_length} "
+              "and were truncated", flush=True)
+    if recipe.train.early_stopping_patience and not data.val:
+        raise ValueError("train.early_stopping_patience needs validation data: set data.validation or data.val_ratio")
+    if recipe.train.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    samples: list[dict] = []
+    evaluate = make_evaluator(recipe, loaded, data.val, device, amp, samples)
+    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size)
+    loss_fn = partial(OBJECTIVES[recipe.objective.name].loss, chunk=recipe.objective.loss_chunk)
+    history = train_loop(loaded.model, loss_fn, batches, recipe.train, run_dir, evaluate, device, amp,
+                         resume=resume, eval_at_start=recipe.eval.before)
+    run.history = history.records
+    evals = [r for r in history.records if r.get("split") == "val"]
+    run.before = next((r for r in evals if r["step"] == 0), {})
+    run.metrics = evals[-1] if evals else {}
+
+    if is_main_process():
+        save_output(run, loaded)
+        plot_loss(run.history, run_dir / "loss.png")
+        table = before_after_table(run.before, run.metrics, ("before", "after"))
+        write_report(run_dir, table, samples, data.stats, run.params)
+        print(f"\n{table}\n\nunitune: saved {run.output} and {run_dir / 'report.md'}", flush=True)
+    return run
+
+
+def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """A run directory (its base model with the trained adapter or weights), or any model `load_model` takes."""
+    path = Path(target)
+    if (path / "recipe.yaml").is_file():
+        recipe = load_recipe(path / "recipe.yaml")
+        if (path / "model").is_dir():
+            return load_model(recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None,
+                                                               "random_init": False}), device)
+        if not (path / "adapter").is_dir():
+            raise FileNotFoundError(f"{path} holds no adapter/ or model/: did its training finish?")
+        loaded = load_model(recipe.model, device)
+        loaded.model = io.load_adapter(loaded.model, path / "adapter")
+        return loaded
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        loaded = load_model(ModelConfig(name=base), device)
+        loaded.model = io.load_adapter(loaded.model, path)
+        return loaded
+    return load_model(ModelConfig(name=str(target)), device)
+
+
+def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Fold a run's LoRA adapter into its base and write a plain transformers model directory."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "merged"
+    loaded = load_run_or_model(run_dir)
+    model = lora.merge_and_unload(loaded.model)
+    model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, run: str | Path | None = None) -> dict:
+    """Validation metrics of the base model and, given a run directory, of the tuned model, side by side."""
+    recipe = load_recipe(recipe, overrides)
+    device = pick_device(recipe.train.device)
+    amp = resolve_precision(recipe.train.precision, device)
+    seed_everything(recipe.train.seed)
+    loaded = load_model(recipe.model, device)
+    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
+    val = data.val or data.train
+    results = {"base": make_evaluator(recipe, loaded, val, device, amp)()}
+    if run:
+        loaded.model = io.load_adapter(loaded.model, Path(run) / "adapter") if (Path(run) / "adapter").is_dir() \
+            else load_run_or_model(run, device).model
+        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp)()
+    return results

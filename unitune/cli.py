@@ -1,0 +1,161 @@
+"""`unitune VERB ...`: each verb maps straight to a function of unitune.api."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args) -> None:
+    from unitune import api
+
+    api.train(args.recipe, args.overrides, resume=args.resume)
+
+
+def _eval(args) -> None:
+    from unitune import api
+    from unitune.eval.report import before_after_table
+
+    results = api.evaluate(args.recipe, args.overrides, run=args.run)
+    print(json.dumps(results, indent=2))
+    if "tuned" in results:
+        print(before_after_table(results["base"], results["tuned"]))
+
+
+def _merge(args) -> None:
+    from unitune import api
+
+    print(f"merged model written to {api.merge(args.run, args.out)}")
+
+
+def _read_prompts(path: Path, field: str) -> list[list[dict]]:
+    from unitune.data.files import DataError, read_rows
+
+    convs = []
+    for row in read_rows(path):
+        if "messages" in row.data:
+            msgs = row.data["messages"]
+            convs.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)
+        elif isinstance(row.data.get(field), str):
+            convs.append([{"role": "user", "content": row.data[field]}])
+        else:
+            raise DataError(f"{row.where}: needs 'messages' or a string '{field}' field")
+    return convs
+
+
+def _generate(args) -> None:
+    from unitune import api
+    from unitune.data.files import read_rows
+    from unitune.engine.precision import pick_device
+    from unitune.generation import generate
+
+    loaded = api.load_run_or_model(args.model, pick_device(args.device))
+    rows = read_rows(args.input)
+    answers = generate(loaded.model, loaded.tokenizer, _read_prompts(args.input, args.field), args.max_new_tokens,
+                       args.temperature, args.top_p, args.batch_size, progress=True)
+    out = open(args.output, "w") if args.output else sys.stdout
+    for row, answer in zip(rows, answers):
+        out.write(json.dumps({**row.data, "generation": answer}) + "\n")
+    if args.output:
+        out.close()
+        print(f"wrote {len(answers)} generations to {args.output}", file=sys.stderr)
+
+
+def _chat(args) -> None:
+    from unitune import api
+    from unitune.engine.precision import pick_device
+    from unitune.generation import stream
+
+    loaded = api.load_run_or_model(args.model, pick_device(args.device))
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("unitune chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in stream(loaded.model, loaded.tokenizer, history, args.max_new_tokens, args.temperature, args.top_p):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _methods(args) -> None:
+    from unitune.methods import describe
+
+    for name, line in describe().items():
+        print(f"{name:8s} {line}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unitune", description="Fine-tune pretrained models from a YAML recipe.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="section.key=value")
+    t.add_argument("--resume", action="store_true", help="continue the latest run of this recipe from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="validation loss, perplexity and answer match: base model, and a run beside it")
+    e.add_argument("recipe")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--run", help="a run directory to compare with the base model")
+    e.set_defaults(func=_eval)
+
+    m = sub.add_parser("merge", help="fold a run's LoRA adapter into its base model (a transformers directory)")
+    m.add_argument("run")
+    m.add_argument("--out")
+    m.set_defaults(func=_merge)
+
+    for verb, func, help_ in (("generate", _generate, "answer every row of a JSONL file"),
+                              ("chat", _chat, "talk to a model or run, streaming")):
+        g = sub.add_parser(verb, help=help_)
+        g.add_argument("model", help="a run directory, adapter directory, model directory, .gguf file or built-in name")
+        if verb == "generate":
+            g.add_argument("input", help="JSONL with 'messages' or a prompt field")
+            g.add_argument("-o", "--output")
+            g.add_argument("--field", default="prompt")
+            g.add_argument("--batch-size", type=int, default=16)
+        else:
+            g.add_argument("--system")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.0 if verb == "generate" else 0.7)
+        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--device", default="auto")
+        g.set_defaults(func=func)
+
+    ls = sub.add_parser("methods", help="list the fine-tuning methods")
+    ls.set_defaults(func=_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from unitune.config import RecipeError
+    from unitune.data.files import DataError
+    from unitune.engine.loop import NonFiniteLoss
+
+    try:
+        args.func(args)
+    except (RecipeError, DataError, NonFiniteLoss, FileNotFoundError) as err:
+        print(f"unitune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The recipe schema: typed sections with defaults, YAML + dotted overrides, errors that name the key.
+
+A recipe has seven sections (model, data, method, objective, train, eval, output). Every field
+has a default where one makes sense; an unknown key is an error naming the closest valid one.
+The `method` section is validated against the config class of the method it names, so each
+method owns its own fields (see unitune/methods/__init__.py).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says which key and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"  # built-in name, HF model directory, or a .gguf file
+    gguf_file: str | None = None  # file name inside `name` when `name` is a directory of GGUFs
+    random_init: bool = False  # build from the config only, with random weights (tests)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights in memory
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # a Jinja template or a file path; default: the tokenizer's
+
+
+class DataConfig(Section):
+    train: str | None = None  # JSONL / JSON / CSV / Parquet file or a `datasets` save_to_disk dir
+    validation: str | None = None
+    val_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["auto", "instruction", "chat", "text"] = "auto"
+    max_length: int = Field(1024, gt=1)
+    packing: bool = True  # several examples per row, no attention across their boundary
+    loss_on: Literal["assistant", "all"] = "assistant"
+    system_prompt: str | None = None
+    max_examples: int | None = None
+    generator: str | None = None  # `module:function` that writes the data files (built-in tasks)
+
+
+class ObjectiveConfig(Section):
+    name: Literal["sft"] = "sft"
+    loss_chunk: int = Field(1024, gt=0)  # tokens per cross-entropy chunk
+
+
+class TrainConfig(Section):
+    steps: int | None = Field(None, gt=0)  # optimizer steps; None: `epochs` passes over the data
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)  # rows per micro-batch (a packed row holds several examples)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)  # evaluations without improvement
+    early_stopping_metric: str = "val_loss"
+    early_stopping_mode: Literal["min", "max"] = "min"
+
+
+class EvalConfig(Section):
+    before: bool = True  # evaluate at step 0 so every run shows what it changed
+    generate: int = Field(32, ge=0)  # validation rows to answer for exact/contains match
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    name: str | None = None  # default: the recipe file's stem
+    overwrite: bool = False  # start afresh even if the run directory holds checkpoints
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: Any = None  # the named method's own config class (load_recipe validates it)
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _check_keys(data: dict, schema: type[BaseModel], where: str) -> None:
+    """Name the closest valid key for every unknown one, before pydantic's generic message."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
+    fields = schema.model_fields
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RecipeError(f"unknown recipe key '{path}': {hint}valid keys: {', '.join(fields)}")
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, Section) and isinstance(value, dict):
+            _check_keys(value, sub, path)
+
+
+def _format(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        lines.append(f"recipe key '{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_section(schema: type[BaseModel], data: dict, where: str) -> BaseModel:
+    _check_keys(data, schema, where)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format(err, where)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`section.key=value` pairs; values parse as YAML so numbers, booleans and lists work."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    name = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        name = path.stem
+    else:
+        data = dict(source)
+    data = apply_overrides(data, list(overrides or []))
+    method = data.pop("method", None)
+    recipe = validate_section(Recipe, data, "")
+    from unitune.methods import method_config
+
+    recipe.method = method_config(method or {"name": "lora"})
+    if recipe.output.name is None and name:
+        recipe.output.name = name
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

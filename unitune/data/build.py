@@ -1,0 +1,111 @@
+"""The data pipeline in one place: read files, convert rows, tokenize, split, and plan batches."""
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from unitune.config import DataConfig
+from unitune.data.files import DataError, read_rows
+from unitune.data.formats import to_sample
+from unitune.data.packing import collate, group_by_length, pack
+from unitune.data.tokenize import Example, tokenize_sample
+
+
+@dataclass
+class DataBundle:
+    train: list[Example]
+    val: list[Example]
+    stats: dict = field(default_factory=dict)
+
+
+def generate_files(cfg: DataConfig, base: Path) -> None:
+    """Run the recipe's data generator (`module:function(out_dir)`) if its files are missing."""
+    if not cfg.generator:
+        return
+    wanted = [Path(p) for p in (cfg.train, cfg.validation) if p]
+    if wanted and all(p.exists() for p in wanted):
+        return
+    module, _, func = cfg.generator.partition(":")
+    getattr(importlib.import_module(module), func)(Path(cfg.train).parent if cfg.train else base)
+
+
+def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stats: dict) -> list[Example]:
+    rows = read_rows(path)
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    examples = [tokenize_sample(tok, to_sample(r, cfg.format, cfg.system_prompt), cfg.max_length, cfg.loss_on) for r in rows]
+    kept = [e for e in examples if e.n_loss > 0]
+    stats["rows"] = stats.get("rows", 0) + len(rows)
+    stats["truncated"] = stats.get("truncated", 0) + sum(e.truncated for e in examples)
+    stats["dropped_no_loss_tokens"] = stats.get("dropped_no_loss_tokens", 0) + len(examples) - len(kept)
+    if not kept:
+        raise DataError(
+            f"{path}: no usable examples ({len(rows)} rows read; {stats['dropped_no_loss_tokens']} have no tokens "
+            f"to learn from after truncation to data.max_length={cfg.max_length})"
+        )
+    return kept
+
+
+def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> DataBundle:
+    if not cfg.train:
+        raise DataError("the recipe names no training data: set data.train to a file or directory")
+    generate_files(cfg, Path.cwd())
+    stats: dict = {}
+    train = load_examples(cfg.train, cfg, tok, stats)
+    if cfg.validation:
+        val = load_examples(cfg.validation, cfg, tok, {})
+    elif cfg.val_ratio > 0:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, int(len(train) * cfg.val_ratio))
+        if n_val >= len(train):
+            raise DataError(f"data.val_ratio={cfg.val_ratio} leaves no training rows out of {len(train)}")
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+    else:
+        val = []
+    stats.update(train_examples=len(train), val_examples=len(val),
+                 train_tokens=sum(len(e.input_ids) for e in train), loss_tokens=sum(e.n_loss for e in train))
+    return DataBundle(train, val, stats)
+
+
+class Batches:
+    """A deterministic stream of micro-batches with a cursor, so a resumed run sees the same data.
+
+    The plan for each epoch depends only on (seed, epoch), so position `cursor` is enough to
+    continue exactly where a checkpoint left off.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, packing: bool, max_length: int, pad_id: int, seed: int):
+        self.examples, self.batch_size, self.packing = examples, batch_size, packing
+        self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
+        self.cursor = 0
+        self._epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        if epoch != self._epoch:
+            s = self.seed * 1000 + epoch
+            rows = pack(self.examples, self.max_length, s) if self.packing else group_by_length(self.examples, self.batch_size, s)
+            batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            random.Random(s).shuffle(batches)
+            self._epoch, self._plan = epoch, batches
+        return self._plan
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def next(self) -> dict[str, torch.Tensor]:
+        per_epoch = len(self)
+        epoch, i = divmod(self.cursor, per_epoch)
+        self.cursor += 1
+        return collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing)
+
+    def all(self):
+        """Every batch of one pass, in order (evaluation)."""
+        for rows in self.plan(0):
+            yield collate(self.examples, rows, self.pad_id, self.packing)

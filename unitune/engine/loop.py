@@ -1,0 +1,179 @@
+"""The training loop. It knows nothing of tasks: it drives any objective's `loss(model, batch)`.
+
+One optimizer step = `grad_accum` micro-batches; the loss is normalised by the loss tokens of
+the whole step, so accumulation gives the gradient of one large batch exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from unitune.config import TrainConfig
+from unitune.data import Batches
+from unitune.engine import checkpoint
+from unitune.engine.precision import autocast
+from unitune.engine.schedule import make_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class History:
+    records: list[dict] = field(default_factory=list)
+    path: Path | None = None
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path and is_main_process():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop what the interrupted run logged past its last checkpoint."""
+        if self.path and self.path.is_file():
+            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r.get("step", 0) <= step]
+            if is_main_process():
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.steps:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the method left no parameter to train")
+    # No weight decay on biases and norm scales (1-D), the usual AdamW practice.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             fused=fused or None)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    batches: Batches,
+    cfg: TrainConfig,
+    run_dir: Path,
+    evaluate: Callable[[], dict] | None,
+    device: torch.device,
+    amp: torch.dtype | None,
+    resume: bool = False,
+    eval_at_start: bool = True,
+) -> History:
+    steps = total_steps(cfg, len(batches))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    ckpt_dir = run_dir / "checkpoints"
+    history = History(path=run_dir / "metrics.jsonl")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    state = {"cursor": 0, "best": None, "bad_evals": 0, "stopped": None}
+
+    start = 0
+    saved = checkpoint.list_checkpoints(ckpt_dir)
+    if resume and saved:
+        state.update(checkpoint.load(ckpt_dir / f"step-{saved[-1]}", model, optimizer, scheduler))
+        start = state.pop("step")
+        batches.cursor = state["cursor"]
+        history.truncate_after(start)
+        print(f"unitune: resumed from {ckpt_dir / f'step-{start}'}", flush=True)
+    elif history.path.exists() and is_main_process():
+        history.path.unlink()
+
+    def run_eval(step: int) -> bool:
+        """Evaluate, log, and tell whether early stopping says to stop."""
+        metrics = evaluate()
+        history.log({"step": step, "split": "val", **metrics})
+        value = metrics.get(cfg.early_stopping_metric)
+        if value is None or step == 0:
+            return False
+        better = state["best"] is None or (value < state["best"] if cfg.early_stopping_mode == "min" else value > state["best"])
+        state["best"], state["bad_evals"] = (value, 0) if better else (state["best"], state["bad_evals"] + 1)
+        return cfg.early_stopping_patience is not None and state["bad_evals"] >= cfg.early_stopping_patience
+
+    def save(step: int) -> None:
+        if is_main_process():
+            state["cursor"] = batches.cursor
+            checkpoint.save(ckpt_dir, step, dict(trainable), optimizer, scheduler, state, cfg.keep_checkpoints)
+
+    if evaluate and eval_at_start and start == 0:
+        run_eval(0)  # the "before" number: what the run changed is measured against it
+    model.train()
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not is_main_process())
+    tokens_seen, t0 = 0, time.perf_counter()
+    step = start
+    for step in range(start + 1, steps + 1):
+        micro = [batches.next() for _ in range(cfg.grad_accum)]
+        n_loss = sum(int((b["targets"] != -100).sum()) for b in micro)
+        step_loss = 0.0
+        for batch in micro:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast(device, amp):
+                loss_sum, info = loss_fn(model, batch)
+            loss = loss_sum / max(n_loss, 1)
+            if not torch.isfinite(loss):
+                last = checkpoint.list_checkpoints(ckpt_dir)
+                where = f"the last good checkpoint is {ckpt_dir / f'step-{last[-1]}'}" if last else "no checkpoint was written yet"
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at step {step}; stopping. {where}. "
+                    "Try a lower train.lr, train.max_grad_norm, or train.precision=fp32."
+                )
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.item()
+            tokens_seen += info["seen_tokens"]
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm).item()
+                     if cfg.max_grad_norm else None)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - t0
+        record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed}
+        if step % cfg.log_every == 0 or step == steps:
+            history.log(record)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+
+        stop = False
+        if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+            stop = run_eval(step)
+        if (cfg.save_every and step % cfg.save_every == 0) or stop:
+            save(step)
+        if stop:
+            state["stopped"] = f"early stopping at step {step}: {cfg.early_stopping_metric} did not improve " \
+                               f"for {cfg.early_stopping_patience} evaluations"
+            tqdm.write(f"unitune: {state['stopped']}")
+            break
+    bar.close()
+    if evaluate and not state["stopped"]:
+        run_eval(step)
+    return history

@@ -1,0 +1,53 @@
+"""Validation metrics: token loss and perplexity, and exact / contains match of generated answers."""
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+import torch
+
+from unitune.data import Batches
+from unitune.data.tokenize import Example, prompt_and_reference
+from unitune.engine.precision import autocast
+from unitune.generation import generate
+from unitune.objectives import OBJECTIVES
+
+
+@torch.no_grad()
+def loss_metrics(model, batches: Batches, objective: str, chunk: int, device, amp) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches.all():
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(device, amp):
+            s, m = OBJECTIVES[objective].loss(model, batch, chunk)
+        total, tokens = total + float(s), tokens + m["tokens"]
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
+
+
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower().strip()
+    text = re.sub(r"\s+", " ", text)
+    return text.strip(" .!?\"'")
+
+
+def match_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match after normalisation, and whether the reference appears inside the prediction."""
+    pairs = [(normalize(p), normalize(r)) for p, r in zip(predictions, references)]
+    n = max(len(pairs), 1)
+    return {"exact_match": sum(p == r for p, r in pairs) / n, "contains_match": sum(r in p for p, r in pairs) / n}
+
+
+def generation_metrics(model, tok, examples: list[Example], limit: int, max_new_tokens: int, batch_size: int,
+                       temperature: float = 0.0) -> tuple[dict[str, float], list[dict]]:
+    chats = [e for e in examples if e.messages][:limit]
+    if not chats:
+        return {}, []
+    prompts, refs = zip(*(prompt_and_reference(e.messages) for e in chats))
+    preds = generate(model, tok, list(prompts), max_new_tokens, temperature, batch_size=batch_size)
+    samples = [{"prompt": p[-1]["content"], "reference": r, "prediction": g} for p, r, g in zip(prompts, refs, preds)]
+    return match_scores(preds, list(refs)), samples

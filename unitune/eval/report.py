@@ -1,0 +1,56 @@
+"""What a run shows a person: the before/after table, the loss curve, report.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SHOWN = ("val_loss", "val_ppl", "exact_match", "contains_match")
+
+
+def before_after_table(before: dict, after: dict, labels: tuple[str, str] = ("base", "tuned")) -> str:
+    keys = [k for k in SHOWN if k in before or k in after] + sorted(
+        k for k in after if k not in SHOWN and isinstance(after[k], float))
+    rows = [f"| metric | {labels[0]} | {labels[1]} |", "|---|---|---|"]
+    for k in keys:
+        cells = [f"{d[k]:.4f}" if isinstance(d.get(k), (int, float)) else "-" for d in (before, after)]
+        rows.append(f"| {k} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def plot_loss(records: list[dict], out: Path) -> Path | None:
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val" and "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, params: dict) -> Path:
+    lines = [f"# {run_dir.name}", "", "## Before and after", "", table, ""]
+    if (run_dir / "loss.png").is_file():
+        lines += ["![loss curve](loss.png)", ""]
+    lines += ["## Model", "", f"trainable parameters: {params['trainable']:,} of {params['total']:,} "
+              f"({100 * params['trainable'] / params['total']:.3f}%)", "", "## Data", ""]
+    lines += [f"- {k}: {v}" for k, v in stats.items()] + [""]
+    if samples:
+        lines += ["## Sample answers after training", ""]
+        for s in samples[:5]:
+            lines += [f"- **prompt**: {s['prompt']!r}", f"  - reference: {s['reference']!r}", f"  - answer: {s['prediction']!r}"]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

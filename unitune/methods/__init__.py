@@ -1,0 +1,31 @@
+"""Methods: a method is `apply(model, cfg) -> model` that freezes what it does not train.
+
+Each method module exposes `Config` (its recipe fields, with a `name` literal) and `apply`.
+Adding a method is one new module and one line in METHODS.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from unitune.methods import full, lora
+
+METHODS: dict[str, ModuleType] = {"full": full, "lora": lora}
+
+
+def method_config(data: dict):
+    from unitune.config import RecipeError, validate_section
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe key 'method': expected a mapping with a 'name', got {data!r}")
+    name = data.get("name", "lora")
+    if name not in METHODS:
+        raise RecipeError(f"unknown method '{name}': valid methods: {', '.join(METHODS)}")
+    return validate_section(METHODS[name].Config, {**data, "name": name}, "method")
+
+
+def apply_method(model, cfg):
+    return METHODS[cfg.name].apply(model, cfg)
+
+
+def describe() -> dict[str, str]:
+    return {name: (mod.__doc__ or "").strip().splitlines()[0] for name, mod in METHODS.items()}

@@ -1,0 +1,48 @@
+"""Pick the modules a method wraps, by name pattern or type, for any architecture.
+
+Matching follows PEFT so an adapter_config.json means the same thing to both tools:
+a string is a regular expression that must match the whole module name; a list matches a
+module whose name equals an entry or ends with '.' + entry; 'all-linear' is every linear
+layer except the output projection (the LM head).
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def matches(name: str, targets: str | list[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the linear modules to wrap; an error that lists candidates if none match."""
+    skip = _output_layer_names(model)
+    linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
+    if targets == "all-linear":
+        found = linear
+    else:
+        found = [n for n in linear if matches(n, targets)]
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"target_modules {targets!r} matches no linear layer of this model; "
+            f"its linear layers are named: {', '.join(leaves)} (or use 'all-linear')"
+        )
+    return found
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

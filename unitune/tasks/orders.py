@@ -1,0 +1,64 @@
+"""The quickstart task: turn a free-text order message into one line of JSON.
+
+    "Three lamps for Alice Brown in Lyon, ordered on Tuesday."
+    -> {"name": "Alice Brown", "city": "Lyon", "item": "lamp", "qty": 3}
+
+The base model answers in prose or with its own keys and spacing, so it scores near zero on
+exact match; the skill (copying spans, singular item names, number words to digits, one fixed
+format) is learnable from a few hundred examples and generalises to unseen names and cities.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+FIRST = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Giulia", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Victor", "Wen", "Yara", "Zoe"]
+LAST = ["Brown", "Okafor", "Rossi", "Tanaka", "Silva", "Novak", "Haddad", "Larsen", "Moreau", "Kaur", "Weber",
+        "Costa", "Ivanova", "Nguyen", "Park", "Mensah", "Fischer", "Lopez", "Berg", "Khan"]
+CITIES = ["Lyon", "Porto", "Osaka", "Nairobi", "Denver", "Krakow", "Bergen", "Quito", "Hanoi", "Leeds", "Turin",
+          "Accra", "Tampere", "Austin", "Seville", "Perth", "Graz", "Dakar", "Busan", "Halifax"]
+ITEMS = ["lamp", "chair", "kettle", "notebook", "backpack", "mug", "blanket", "candle", "umbrella", "scarf",
+         "helmet", "basket", "pillow", "jacket", "teapot", "shovel", "mirror", "bottle", "wallet", "clock"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+
+TEMPLATES = [
+    "{name} from {city} ordered {q} {items} on {day}.",
+    "On {day}, {name} ({city}) asked for {q} {items}.",
+    "{Q} {items} for {name} in {city}, ordered on {day}.",
+    "Please ship {q} {items} to {name}, {city}. Placed {day}.",
+    "New order: {q} x {item}, customer {name}, city {city}, day {day}.",
+    "{name} wants {q} {items} delivered to {city} (ordered {day}).",
+]
+INSTRUCTION = "Extract the order as JSON with keys name, city, item, qty."
+
+
+def plural(item: str, n: int) -> str:
+    return item if n == 1 else item + ("es" if item.endswith(("sh", "ch", "s", "x")) else "s")
+
+
+def make_row(rng: random.Random, held_out: bool) -> dict:
+    # Validation uses names and cities never seen in training, so the score measures the skill.
+    half = lambda xs: xs[len(xs) // 2:] if held_out else xs[: len(xs) // 2]  # noqa: E731
+    name = f"{rng.choice(FIRST)} {rng.choice(half(LAST))}"
+    city, item, day = rng.choice(half(CITIES)), rng.choice(ITEMS), rng.choice(DAYS)
+    qty = rng.randint(1, 12)
+    q = WORDS[qty] if rng.random() < 0.5 else str(qty)
+    text = rng.choice(TEMPLATES).format(name=name, city=city, q=q, Q=q.capitalize(), item=item,
+                                        items=plural(item, qty), day=day)
+    answer = json.dumps({"name": name, "city": city, "item": item, "qty": qty})
+    return {"instruction": INSTRUCTION, "input": text, "output": answer}
+
+
+def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 1234) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows = [make_row(rng, held_out=split == "val") for _ in range(n)]
+        tmp = out / f".{split}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.rename(out / f"{split}.jsonl")
+    return out
