@@ -1,0 +1,145 @@
+"""LoRA SFT on SmolLM2-135M-Instruct: unitune vs transformers + PEFT + TRL's SFTTrainer, side by side.
+
+Same model weights (the cached safetensors copy of the GGUF), same rows (the quickstart task),
+same sequence length, batch, steps, learning rate, LoRA rank and targets, loss on the completion
+only in both, packing in both (TRL: best-fit-decreasing packing, padding-free), fp32 on a CPU
+without native bf16 in both. Each system runs in its own process, alternating, several rounds;
+we report the range of each figure and of the ratios.
+
+    python benchmarks/sft_lora_cpu.py [--rounds 2] [--steps 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ, BATCH, LR, R, ALPHA = 512, 2, 1e-3, 16, 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_dir() -> str:
+    from unitune.config import ModelConfig
+    from unitune.models.loader import _gguf_cache, _locate
+
+    return str(_gguf_cache(*_locate(ModelConfig())))
+
+
+def rows(n: int) -> list[dict]:
+    from unitune.tasks.orders import make_row
+    import random
+
+    rng = random.Random(0)
+    return [make_row(rng, held_out=False) for _ in range(n)]
+
+
+def run_unitune(steps: int) -> dict:
+    import torch
+
+    import unitune
+
+    data = Path(os.environ["BENCH_DIR"]) / "train.jsonl"
+    recipe = {
+        "model": {"name": model_dir()},
+        "data": {"train": str(data), "format": "instruction", "max_length": SEQ, "packing": True},
+        "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS},
+        "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 0, "schedule": "constant",
+                  "precision": "auto"},
+        "eval": {"before": False, "generate": 0},
+        "output": {"dir": os.environ["BENCH_DIR"], "name": "unitune", "overwrite": True},
+    }
+    torch.manual_seed(0)
+    run = unitune.train(recipe)
+    train = [r for r in run.history if r["split"] == "train"]  # tokens_per_s: from the loop's start to this step
+    return {"tokens_per_s": train[-1]["tokens_per_s"], "final_loss": train[-1]["loss"]}
+
+
+def run_trl(steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    path = model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    # Prompt-completion rows, so TRL puts loss on the completion only, as unitune does.
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+                             "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows(800)])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    args = SFTConfig(
+        output_dir=os.path.join(os.environ["BENCH_DIR"], "trl"), max_steps=steps,
+        per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        max_length=SEQ, packing=True, completion_only_loss=True, bf16=False, fp16=False, use_cpu=True,
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
+        gradient_checkpointing=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0),
+                         callbacks=[timer])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
+    return {"tokens_per_s": logs[-1]["num_tokens"] / (timer.end - timer.start), "final_loss": logs[-1]["loss"]}
+
+
+def child(system: str, steps: int) -> None:
+    result = (run_unitune if system == "unitune" else run_trl)(steps)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--child")
+    a = p.parse_args()
+    if a.child:
+        return child(a.child, a.steps)
+    bench = ROOT / "runs" / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    (bench / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(800)))
+    model_dir()  # convert the GGUF once, outside the timings
+    env = {**os.environ, "BENCH_DIR": str(bench), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    results: dict[str, list[dict]] = {"unitune": [], "trl": []}
+    for rnd in range(a.rounds):
+        for system in (("unitune", "trl") if rnd % 2 == 0 else ("trl", "unitune")):
+            out = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(a.steps)], env=env, capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
+            if out.returncode or not line:
+                sys.exit(f"{system} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            results[system].append(json.loads(line[-1][6:]))
+            print(f"round {rnd + 1} {system}: {results[system][-1]}", flush=True)
+
+    def rng(xs):
+        return f"{min(xs):.0f}-{max(xs):.0f}" if len(xs) > 1 else f"{xs[0]:.0f}"
+
+    u, t = results["unitune"], results["trl"]
+    speed = [a["tokens_per_s"] / b["tokens_per_s"] for a in u for b in t]
+    mem = [a["peak_rss_mib"] / b["peak_rss_mib"] for a in u for b in t]
+    print(f"\nLoRA SFT, SmolLM2-135M-Instruct, r={R} all linear layers, seq {SEQ}, batch {BATCH} packed rows, "
+          f"{a.steps} steps, {a.rounds} rounds alternating, {os.cpu_count()} CPU cores\n")
+    print("| system | tokens/s | peak RSS (MiB) |\n|---|---|---|")
+    print(f"| unitune | {rng([r['tokens_per_s'] for r in u])} | {rng([r['peak_rss_mib'] for r in u])} |")
+    print(f"| transformers + PEFT + TRL SFTTrainer | {rng([r['tokens_per_s'] for r in t])} | "
+          f"{rng([r['peak_rss_mib'] for r in t])} |")
+    print(f"| ratio unitune / TRL | {min(speed):.2f}-{max(speed):.2f}x | {min(mem):.2f}-{max(mem):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

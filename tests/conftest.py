@@ -1,0 +1,77 @@
+"""Tiny random models and tokenizers built from configs: the whole suite runs offline in minutes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from unitune.models.loader import CHATML_TEMPLATE
+from unitune.tasks import orders
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in a second on the quickstart task's text."""
+    corpus = [json.dumps(orders.make_row(__import__("random").Random(i), i % 2 == 0)) for i in range(400)]
+    corpus += ["user assistant system Hello, how are you? I am fine. What is two plus two? Four."] * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def _save(model, tok, path: Path) -> Path:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return _save(LlamaForCausalLM(cfg), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=4, n_positions=512,
+                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    return _save(GPT2LMHeadModel(cfg), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def orders_data(tmp_path_factory) -> Path:
+    return orders.write(tmp_path_factory.mktemp("orders"), n_train=96, n_val=16)
+
+
+@pytest.fixture
+def tiny_recipe(tiny_llama, orders_data, tmp_path) -> dict:
+    """A complete recipe dict for a few-second LoRA run on the tiny model."""
+    return {
+        "model": {"name": str(tiny_llama)},
+        "data": {"train": str(orders_data / "train.jsonl"), "validation": str(orders_data / "val.jsonl"),
+                 "max_length": 256},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "train": {"steps": 6, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "seed": 3},
+        "eval": {"generate": 4, "max_new_tokens": 8, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
+    }

@@ -1,0 +1,86 @@
+"""Crash, resume, NaN: nothing is lost and a resumed run ends where an uninterrupted one does."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import unitune
+from unitune.engine import checkpoint
+from unitune.engine.loop import NonFiniteLoss
+from unitune.objectives import sft
+
+
+class Crash(Exception):
+    pass
+
+
+def _resume_recipe(tiny_recipe):
+    r = dict(tiny_recipe)
+    r["method"] = {**r["method"], "dropout": 0.1}  # dropout makes the RNG state matter
+    r["train"] = {**r["train"], "steps": 8, "grad_accum": 2, "save_every": 3}
+    r["eval"] = {"before": False, "generate": 0}
+    return r
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, monkeypatch):
+    recipe = _resume_recipe(tiny_recipe)
+    full = unitune.train({**recipe, "output": {**recipe["output"], "name": "straight"}})
+
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == "step-6":
+            raise Crash("killed after step 6")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    crashed = {**recipe, "output": {**recipe["output"], "name": "crashed"}}
+    with pytest.raises(Crash):
+        unitune.train(crashed)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = unitune.train(crashed, resume=True)
+
+    assert resumed.dir == full.dir.with_name("crashed")
+    a = load_file(full.output / "adapter_model.safetensors")
+    b = load_file(resumed.output / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [r["step"] for r in resumed.history if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # the log holds each step once, none lost or doubled
+    losses = {r["step"]: r["loss"] for r in full.history if r["split"] == "train"}
+    assert all(abs(r["loss"] - losses[r["step"]]) < 1e-6 for r in resumed.history if r["split"] == "train")
+
+
+def test_crash_mid_save_keeps_the_last_good_checkpoint(tiny_recipe, monkeypatch):
+    recipe = _resume_recipe(tiny_recipe)
+    real = checkpoint.save_file
+
+    def flaky(tensors, path, *a, **k):
+        if "step-6" in str(path):
+            raise Crash("disk full")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
+    with pytest.raises(Crash):
+        unitune.train(recipe)
+    ckpt_dir = Path(tiny_recipe["output"]["dir"]) / "tiny" / "checkpoints"
+    assert checkpoint.list_checkpoints(ckpt_dir) == [3]
+    assert load_file(ckpt_dir / "step-3" / "weights.safetensors")  # intact and readable
+
+
+def test_nan_loss_stops_with_a_message(tiny_recipe, monkeypatch):
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "save_every": 1}, "eval": {"before": False, "generate": 0}}
+    real = sft.loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, chunk=1024):
+        calls["n"] += 1
+        total, info = real(model, batch, chunk)
+        return (total * float("nan") if calls["n"] == 3 else total), info
+
+    monkeypatch.setattr(sft, "loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 3.*step-2"):
+        unitune.train(recipe)

@@ -1,0 +1,79 @@
+"""LoRA against PEFT: same outputs given the same weights, and adapters loadable both ways."""
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from unitune.methods import io, lora
+from unitune.methods.lora import Config
+
+X = torch.randint(3, 300, (2, 17))
+
+
+def _load(path):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _randomize(model):
+    """LoRA B starts at zero; give every adapter weight a value so the comparison means something."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("fixture,targets,rslora", [("tiny_llama", "all-linear", False),
+                                                    ("tiny_llama", ["q_proj", "v_proj"], True),
+                                                    ("tiny_gpt2", ["c_attn", "c_fc"], False)])
+def test_saved_adapter_loads_in_peft_with_same_logits(request, tmp_path, fixture, targets, rslora):
+    path = request.getfixturevalue(fixture)
+    cfg = Config(r=4, alpha=8, target_modules=targets, rslora=rslora)
+    ours = _randomize(lora.apply(_load(path), cfg))
+    io.save_adapter(ours, tmp_path / "adapter", cfg, str(path))
+    theirs = PeftModel.from_pretrained(_load(path), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X).logits, theirs(X).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(X).logits, _load(path)(X).logits, atol=1e-3)  # the adapter does something
+
+
+def test_peft_adapter_loads_in_unitune(tiny_llama, tmp_path):
+    peft_model = get_peft_model(_load(tiny_llama), LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "down_proj"],
+                                                              use_rslora=True))
+    _randomize(peft_model).save_pretrained(tmp_path / "peft")
+    ours = io.load_adapter(_load(tiny_llama), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X).logits, peft_model(X).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_disable(tiny_llama):
+    model = _randomize(lora.apply(_load(tiny_llama), Config(r=4, target_modules="all-linear")))
+    base = _load(tiny_llama)
+    with torch.no_grad():
+        tuned = model(X).logits
+        with lora.disabled(model):
+            torch.testing.assert_close(model(X).logits, base(X).logits)
+        layer = lora.lora_layers(model)[0][1]
+        layer.merge(), layer.unmerge()
+        torch.testing.assert_close(model(X).logits, tuned, atol=1e-5, rtol=1e-5)
+        merged = lora.merge_and_unload(model)
+        assert not lora.lora_layers(merged)
+        torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_and_freezing(tiny_llama):
+    model = lora.apply(_load(tiny_llama), Config(target_modules="all-linear"))
+    names = [n for n, _ in lora.lora_layers(model)]
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="matches no linear layer.*q_proj"):
+        lora.apply(_load(tiny_llama), Config(target_modules=["query"]))
+
+
+def test_adapter_that_does_not_fit_is_refused(tiny_llama, tiny_gpt2, tmp_path):
+    cfg = Config(r=4, target_modules=["q_proj"])
+    io.save_adapter(lora.apply(_load(tiny_llama), cfg), tmp_path / "a", cfg, "x")
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        io.load_adapter(_load(tiny_gpt2), tmp_path / "a")
