@@ -11,6 +11,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -26,6 +27,33 @@ class Config(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     rslora: bool = False
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """y = x (W + s·B·A)^T + b in one matmul, with hand-written gradients for A and B only.
+
+    The textbook form W x + s·B(A x) adds two elementwise passes over the (tokens x out) output
+    in forward and backward; on a CPU that is ~30% on top of the frozen matmul. Merging the
+    rank-r update into the weight costs out·in·r flops, and the gradients of A and B go through
+    the thin (tokens x r) products, never through the full weight gradient (Unsloth's trick).
+    Exact in real arithmetic; used without dropout and outside autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        ctx.save_for_backward(x, weight, a, b)
+        ctx.scale = scale
+        return F.linear(x, torch.addmm(weight, b, a, alpha=scale), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b = ctx.saved_tensors
+        s = ctx.scale
+        g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = grad @ torch.addmm(weight, b, a, alpha=s) if ctx.needs_input_grad[0] else None
+        grad_a = (g @ b).T.mm(x2).mul_(s)
+        grad_b = g.T.mm(x2 @ a.T).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 class LoRALinear(nn.Module):
@@ -75,11 +103,17 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.active is None or self.merged:
-            return out
+            return self.base_layer(x)
         a, b = self.lora_A[self.active], self.lora_B[self.active]
-        h = self.lora_dropout[self.active](x).to(a.weight.dtype)
+        dropout = self.lora_dropout[self.active]
+        w = self.base_layer.weight
+        if (w.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+                and (isinstance(dropout, nn.Identity) or not self.training)):
+            weight = w.T if self.fan_in_fan_out else w
+            return _MergedLoRA.apply(x, weight, self.base_layer.bias, a.weight, b.weight, self.scaling[self.active])
+        out = self.base_layer(x)
+        h = dropout(x).to(a.weight.dtype)
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
 
 
