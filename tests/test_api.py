@@ -106,3 +106,28 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["train", str(bad), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_recipe):
+    base = {**tiny_recipe, "eval": {"before": False, "generate": 0}, "train": {**tiny_recipe["train"], "steps": 2}}
+    plain = unitune.train(base)
+    ckpt = unitune.train({**base, "train": {**base["train"], "gradient_checkpointing": True}})
+    from safetensors.torch import load_file
+
+    a, b = (load_file(r.output / "adapter_model.safetensors") for r in (plain, ckpt))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_chat_streams_replies(tiny_llama, monkeypatch, capsys):
+    said = iter(["Hello there", "/reset", "Again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(said)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(tiny_llama), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
