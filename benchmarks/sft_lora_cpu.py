@@ -98,6 +98,10 @@ def run_trl(steps: int) -> dict:
 
 
 def child(system: str, steps: int) -> None:
+    if system == "trl+malloc":  # the peer with the allocator setting unitune applies to itself
+        from unitune.engine.memory import tune_cpu_allocator
+
+        tune_cpu_allocator()
     result = (run_unitune if system == "unitune" else run_trl)(steps)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH " + json.dumps(result), flush=True)
@@ -116,9 +120,10 @@ def main() -> None:
     (bench / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(800)))
     model_dir()  # convert the GGUF once, outside the timings
     env = {**os.environ, "BENCH_DIR": str(bench), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    results: dict[str, list[dict]] = {"unitune": [], "trl": []}
+    systems = ["unitune", "trl", "trl+malloc"]
+    results: dict[str, list[dict]] = {s: [] for s in systems}
     for rnd in range(a.rounds):
-        for system in (("unitune", "trl") if rnd % 2 == 0 else ("trl", "unitune")):
+        for system in (systems if rnd % 2 == 0 else systems[::-1]):
             out = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(a.steps)], env=env, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
             if out.returncode or not line:
@@ -129,16 +134,22 @@ def main() -> None:
     def rng(xs):
         return f"{min(xs):.0f}-{max(xs):.0f}" if len(xs) > 1 else f"{xs[0]:.0f}"
 
-    u, t = results["unitune"], results["trl"]
-    speed = [a["tokens_per_s"] / b["tokens_per_s"] for a in u for b in t]
-    mem = [a["peak_rss_mib"] / b["peak_rss_mib"] for a in u for b in t]
+    def ratios(u, t, key):
+        xs = [a[key] / b[key] for a in u for b in t]
+        return f"{min(xs):.2f}-{max(xs):.2f}x"
+
+    u = results["unitune"]
     print(f"\nLoRA SFT, SmolLM2-135M-Instruct, r={R} all linear layers, seq {SEQ}, batch {BATCH} packed rows, "
           f"{a.steps} steps, {a.rounds} rounds alternating, {os.cpu_count()} CPU cores\n")
     print("| system | tokens/s | peak RSS (MiB) |\n|---|---|---|")
-    print(f"| unitune | {rng([r['tokens_per_s'] for r in u])} | {rng([r['peak_rss_mib'] for r in u])} |")
-    print(f"| transformers + PEFT + TRL SFTTrainer | {rng([r['tokens_per_s'] for r in t])} | "
-          f"{rng([r['peak_rss_mib'] for r in t])} |")
-    print(f"| ratio unitune / TRL | {min(speed):.2f}-{max(speed):.2f}x | {min(mem):.2f}-{max(mem):.2f}x |")
+    names = {"unitune": "unitune", "trl": "transformers + PEFT + TRL SFTTrainer",
+             "trl+malloc": "the same, with unitune's allocator setting"}
+    for s in systems:
+        print(f"| {names[s]} | {rng([r['tokens_per_s'] for r in results[s]])} | "
+              f"{rng([r['peak_rss_mib'] for r in results[s]])} |")
+    for s in systems[1:]:
+        print(f"| ratio unitune / {s} | {ratios(u, results[s], 'tokens_per_s')} | "
+              f"{ratios(u, results[s], 'peak_rss_mib')} |")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from unitune.config import ModelConfig, Recipe, load_recipe, save_recipe
 from unitune.data import Batches, DataBundle, build_data
 from unitune.engine.loop import is_main_process, train_loop
+from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
@@ -132,6 +133,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     run_dir = choose_run_dir(recipe, resume)
     if resume:  # the run continues under the recipe it started with, plus any new overrides
         recipe = load_recipe(run_dir / "recipe.yaml", overrides)
@@ -152,7 +155,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if recipe.train.early_stopping_patience and not data.val:
         raise ValueError("train.early_stopping_patience needs validation data: set data.validation or data.val_ratio")
     if recipe.train.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = loaded.model  # transformers >= 5.20 renamed the switch
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     samples: list[dict] = []
     evaluate = make_evaluator(recipe, loaded, data.val, device, amp, samples)
