@@ -39,7 +39,7 @@ def rows(n: int) -> list[dict]:
     return [make_row(rng, held_out=False) for _ in range(n)]
 
 
-def run_unitune(steps: int) -> dict:
+def run_unitune(steps: int, lean: bool = False) -> dict:
     import torch
 
     import unitune
@@ -50,7 +50,7 @@ def run_unitune(steps: int) -> dict:
         "data": {"train": str(data), "format": "instruction", "max_length": SEQ, "packing": True},
         "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS},
         "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 0, "schedule": "constant",
-                  "precision": "auto"},
+                  "precision": "auto", "lean_cpu_memory": lean},
         "eval": {"before": False, "generate": 0},
         "output": {"dir": os.environ["BENCH_DIR"], "name": "unitune", "overwrite": True},
     }
@@ -98,11 +98,7 @@ def run_trl(steps: int) -> dict:
 
 
 def child(system: str, steps: int) -> None:
-    if system == "trl+malloc":  # the peer with the allocator setting unitune applies to itself
-        from unitune.engine.memory import tune_cpu_allocator
-
-        tune_cpu_allocator()
-    result = (run_unitune if system == "unitune" else run_trl)(steps)
+    result = run_trl(steps) if system == "trl" else run_unitune(steps, lean=system == "unitune-lean")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH " + json.dumps(result), flush=True)
 
@@ -120,7 +116,7 @@ def main() -> None:
     (bench / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(800)))
     model_dir()  # convert the GGUF once, outside the timings
     env = {**os.environ, "BENCH_DIR": str(bench), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    systems = ["unitune", "trl", "trl+malloc"]
+    systems = ["unitune", "unitune-lean", "trl"]
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for rnd in range(a.rounds):
         for system in (systems if rnd % 2 == 0 else systems[::-1]):
@@ -138,18 +134,17 @@ def main() -> None:
         xs = [a[key] / b[key] for a in u for b in t]
         return f"{min(xs):.2f}-{max(xs):.2f}x"
 
-    u = results["unitune"]
     print(f"\nLoRA SFT, SmolLM2-135M-Instruct, r={R} all linear layers, seq {SEQ}, batch {BATCH} packed rows, "
           f"{a.steps} steps, {a.rounds} rounds alternating, {os.cpu_count()} CPU cores\n")
     print("| system | tokens/s | peak RSS (MiB) |\n|---|---|---|")
-    names = {"unitune": "unitune", "trl": "transformers + PEFT + TRL SFTTrainer",
-             "trl+malloc": "the same, with unitune's allocator setting"}
+    names = {"unitune": "unitune", "unitune-lean": "unitune, train.lean_cpu_memory=true",
+             "trl": "transformers + PEFT + TRL SFTTrainer"}
     for s in systems:
         print(f"| {names[s]} | {rng([r['tokens_per_s'] for r in results[s]])} | "
               f"{rng([r['peak_rss_mib'] for r in results[s]])} |")
-    for s in systems[1:]:
-        print(f"| ratio unitune / {s} | {ratios(u, results[s], 'tokens_per_s')} | "
-              f"{ratios(u, results[s], 'peak_rss_mib')} |")
+    for s in systems[:2]:
+        print(f"| ratio {s} / trl | {ratios(results[s], results['trl'], 'tokens_per_s')} | "
+              f"{ratios(results[s], results['trl'], 'peak_rss_mib')} |")
 
 
 if __name__ == "__main__":

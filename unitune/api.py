@@ -22,7 +22,7 @@ from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
-from unitune.methods import apply_method, io, lora
+from unitune.methods import apply_method, io
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
 
@@ -40,7 +40,7 @@ class Run:
     @property
     def output(self) -> Path:
         """The trained artefact: `adapter/` (PEFT format) or `model/` (HF format)."""
-        return self.dir / ("adapter" if self.recipe.method.name == "lora" else "model")
+        return self.dir / ("adapter" if io.is_adapter(self.recipe.method) else "model")
 
 
 def seed_everything(seed: int) -> None:
@@ -120,7 +120,7 @@ def save_output(run: Run, loaded: LoadedModel) -> None:
     out = run.output
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if run.recipe.method.name == "lora":
+    if io.is_adapter(run.recipe.method):
         io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source)
     else:
         loaded.model.save_pretrained(tmp)
@@ -133,7 +133,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
-    if device.type == "cpu":
+    if device.type == "cpu" and recipe.train.lean_cpu_memory:
         tune_cpu_allocator()
     run_dir = choose_run_dir(recipe, resume)
     if resume:  # the run continues under the recipe it started with, plus any new overrides
@@ -155,9 +155,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if recipe.train.early_stopping_patience and not data.val:
         raise ValueError("train.early_stopping_patience needs validation data: set data.validation or data.val_ratio")
     if recipe.train.gradient_checkpointing:
-        model = loaded.model  # transformers >= 5.20 renamed the switch
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, kwargs = loaded.model, {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed the switch
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     samples: list[dict] = []
     evaluate = make_evaluator(recipe, loaded, data.val, device, amp, samples)
@@ -201,11 +203,11 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
 
 
 def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Fold a run's LoRA adapter into its base and write a plain transformers model directory."""
+    """Fold a run's adapter into its base and write a plain transformers model directory."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "merged"
     loaded = load_run_or_model(run_dir)
-    model = lora.merge_and_unload(loaded.model)
+    model = io.merge_and_unload(loaded.model)
     model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     return out

@@ -66,6 +66,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    lean_cpu_memory: bool = False  # CPU: freed activations go straight back to the OS (~30% lower peak, ~20% slower)
     device: str = "auto"
     seed: int = 0
     log_every: int = Field(1, gt=0)

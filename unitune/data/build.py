@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig
@@ -23,15 +23,13 @@ class DataBundle:
     stats: dict = field(default_factory=dict)
 
 
-def generate_files(cfg: DataConfig, base: Path) -> None:
-    """Run the recipe's data generator (`module:function(out_dir)`) if its files are missing."""
-    if not cfg.generator:
-        return
+def generate_files(cfg: DataConfig) -> None:
+    """Run the recipe's data generator (`module:function(out_dir)`) if the train/validation files are missing."""
     wanted = [Path(p) for p in (cfg.train, cfg.validation) if p]
-    if wanted and all(p.exists() for p in wanted):
+    if not cfg.generator or all(p.exists() for p in wanted):
         return
     module, _, func = cfg.generator.partition(":")
-    getattr(importlib.import_module(module), func)(Path(cfg.train).parent if cfg.train else base)
+    getattr(importlib.import_module(module), func)(wanted[0].parent)
 
 
 def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stats: dict) -> list[Example]:
@@ -54,7 +52,7 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stat
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> DataBundle:
     if not cfg.train:
         raise DataError("the recipe names no training data: set data.train to a file or directory")
-    generate_files(cfg, Path.cwd())
+    generate_files(cfg)
     stats: dict = {}
     train = load_examples(cfg.train, cfg, tok, stats)
     if cfg.validation:
@@ -77,31 +75,33 @@ def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> Data
 class Batches:
     """A deterministic stream of micro-batches with a cursor, so a resumed run sees the same data.
 
-    The plan for each epoch depends only on (seed, epoch), so position `cursor` is enough to
-    continue exactly where a checkpoint left off.
+    Examples are packed once; each epoch reorders the rows with a seed of (seed, epoch), so the
+    number of batches per epoch is fixed and the cursor alone says where a checkpoint left off.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, packing: bool, max_length: int, pad_id: int, seed: int):
-        self.examples, self.batch_size, self.packing = examples, batch_size, packing
-        self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
+        self.examples, self.batch_size, self.packing, self.pad_id, self.seed = examples, batch_size, packing, pad_id, seed
+        self.rows = pack(examples, max_length, seed) if packing else None
         self.cursor = 0
         self._epoch, self._plan = -1, []
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
         if epoch != self._epoch:
             s = self.seed * 1000 + epoch
-            rows = pack(self.examples, self.max_length, s) if self.packing else group_by_length(self.examples, self.batch_size, s)
+            rows = list(self.rows) if self.packing else group_by_length(self.examples, self.batch_size, s)
+            if self.packing:
+                random.Random(s).shuffle(rows)
             batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-            random.Random(s).shuffle(batches)
+            if not self.packing:  # length groups stay together; their order is random
+                random.Random(s).shuffle(batches)
             self._epoch, self._plan = epoch, batches
         return self._plan
 
     def __len__(self) -> int:
-        return len(self.plan(0))
+        return math.ceil(len(self.rows if self.packing else self.examples) / self.batch_size)
 
-    def next(self) -> dict[str, torch.Tensor]:
-        per_epoch = len(self)
-        epoch, i = divmod(self.cursor, per_epoch)
+    def next(self) -> dict:
+        epoch, i = divmod(self.cursor, len(self))
         self.cursor += 1
         return collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.methods import full, lora
+from unitune.methods import full, ia3, lora
 
-METHODS: dict[str, ModuleType] = {"full": full, "lora": lora}
+METHODS: dict[str, ModuleType] = {"full": full, "lora": lora, "ia3": ia3}
 
 
 def method_config(data: dict):

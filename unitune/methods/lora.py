@@ -19,6 +19,8 @@ from transformers.pytorch_utils import Conv1D
 from unitune.config import Section
 from unitune.methods.targets import find_targets, set_module
 
+PEFT_TYPE = "LORA"
+
 
 class Config(Section):
     name: Literal["lora"] = "lora"
@@ -128,6 +130,35 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's live tensors under PEFT's names (without the `base_model.model.` prefix)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
+            state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
+    return state
+
+
+def peft_config(cfg: Config, model: nn.Module) -> dict:
+    layers = lora_layers(model)
+    return {
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        # Leaf names, as a list: PEFT and vLLM both read that form.
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+        "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        "init_lora_weights": True, "use_dora": False,
+    }
+
+
+def config_from_peft(raw: dict, where) -> Config:
+    for unsupported in ("use_dora", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+        if raw.get(unsupported):
+            raise ValueError(f"{where}: adapter_config.json sets '{unsupported}', which unitune cannot load yet")
+    return Config(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                  target_modules=raw["target_modules"], rslora=raw.get("use_rslora", False))
 
 
 class disabled:
