@@ -22,7 +22,7 @@ from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
-from unitune.methods import apply_method, io
+from unitune.methods import apply_method, io, lr_scale
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
 
@@ -166,7 +166,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size)
     loss_fn = partial(OBJECTIVES[recipe.objective.name].loss, chunk=recipe.objective.loss_chunk)
     history = train_loop(loaded.model, loss_fn, batches, recipe.train, run_dir, evaluate, device, amp,
-                         resume=resume, eval_at_start=recipe.eval.before)
+                         resume=resume, eval_at_start=recipe.eval.before, lr_scale=lr_scale(recipe.method))
     run.history = history.records
     evals = [r for r in history.records if r.get("split") == "val"]
     run.before = next((r for r in evals if r["step"] == 0), {})

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _train(args) -> None:
@@ -29,11 +28,12 @@ def _merge(args) -> None:
     print(f"merged model written to {api.merge(args.run, args.out)}")
 
 
-def _read_prompts(path: Path, field: str) -> list[list[dict]]:
-    from unitune.data.files import DataError, read_rows
+def _prompts(rows, field: str) -> list[list[dict]]:
+    """A conversation to answer per row: its messages (less a final assistant turn), or one user turn."""
+    from unitune.data.files import DataError
 
     convs = []
-    for row in read_rows(path):
+    for row in rows:
         if "messages" in row.data:
             msgs = row.data["messages"]
             convs.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)
@@ -52,7 +52,7 @@ def _generate(args) -> None:
 
     loaded = api.load_run_or_model(args.model, pick_device(args.device))
     rows = read_rows(args.input)
-    answers = generate(loaded.model, loaded.tokenizer, _read_prompts(args.input, args.field), args.max_new_tokens,
+    answers = generate(loaded.model, loaded.tokenizer, _prompts(rows, args.field), args.max_new_tokens,
                        args.temperature, args.top_p, args.batch_size, progress=True)
     out = open(args.output, "w") if args.output else sys.stdout
     for row, answer in zip(rows, answers):

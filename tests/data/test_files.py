@@ -31,7 +31,7 @@ def test_malformed_row_names_file_and_line(tmp_path):
     p.write_text(json.dumps(ROW) + "\n\n" + '{"instruction": "x", "output": }\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: not valid JSON"):
         read_rows(p)
-    p.write_text(json.dumps(ROW) + "\n" + json.dumps({"instruction": "x", "output": 5}) + "\n")
+    p.write_text(json.dumps(ROW) + "\n" + json.dumps({"instruction": "x", "output": ["a list"]}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2: 'output' must be a string"):
         [to_sample(r, "auto") for r in read_rows(p)]
     p.write_text(json.dumps({"prompt": "x"}) + "\n")

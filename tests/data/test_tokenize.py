@@ -51,3 +51,23 @@ def test_targets_are_shifted_inputs(tokenizer):
 def test_plain_text_ends_with_eos(tokenizer):
     ex = tokenize_sample(tokenizer, Sample(None, "hello world", "x:1"), 512, "assistant")
     assert ex.input_ids[-1] == tokenizer.eos_token_id and ex.n_loss == len(ex.input_ids) - 1
+
+
+def test_template_errors_name_the_row(tokenizer):
+    from unitune.data.files import DataError
+
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                               "{{ raise_exception('roles must be user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    try:
+        with pytest.raises(DataError, match=r"data.jsonl:7: the chat template cannot render.*roles must be"):
+            tokenize_sample(tokenizer, Sample(CONV, None, "data.jsonl:7"), 512, "assistant")
+    finally:
+        tokenizer.chat_template = saved
+
+
+def test_default_template_ends_turns_with_eos(tokenizer):
+    from unitune.models.loader import CHATML_TEMPLATE
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False, chat_template=CHATML_TEMPLATE)
+    assert text == f"<|im_start|>user\na{tokenizer.eos_token}\n"

@@ -95,3 +95,25 @@ def test_merged_path_gradients_match_the_textbook_form(tiny_gpt2, tiny_llama):
         torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
         for n in outs[0][1]:
             torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-6, rtol=1e-4)
+
+
+def test_loraplus_groups_match_peft(tiny_llama):
+    from peft.optimizers import create_loraplus_optimizer
+
+    from unitune.config import TrainConfig
+    from unitune.engine.loop import make_optimizer
+    from unitune.methods import lr_scale
+
+    cfg = Config(r=4, target_modules="all-linear", loraplus_lr_ratio=16)
+    ours_model = lora.apply(_load(tiny_llama), cfg)
+    ours = make_optimizer(ours_model, TrainConfig(lr=1e-4), lr_scale(cfg))
+    peft_model = get_peft_model(_load(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16)
+
+    def lrs(opt, model):
+        by_id = {id(p): n.replace("base_model.model.", "").replace(".default", "") for n, p in model.named_parameters()}
+        return {by_id[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+
+    ours_lrs, their_lrs = lrs(ours, ours_model), lrs(theirs, peft_model)
+    assert ours_lrs == their_lrs
+    assert {v for k, v in ours_lrs.items() if "lora_B" in k} == {1.6e-3}

@@ -41,6 +41,8 @@ def _str(row: Row, key: str, required: bool = True) -> str:
         if required:
             raise DataError(f"{row.where}: missing '{key}'")
         return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a numeric answer in JSON or Parquet: 42 -> "42"
     if not isinstance(value, str):
         raise DataError(f"{row.where}: '{key}' must be a string, got {type(value).__name__}")
     return value

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from unitune.data.files import DataError
 from unitune.data.formats import Sample
 
 IGNORE = -100
@@ -65,7 +66,10 @@ def tokenize_sample(tok: PreTrainedTokenizerBase, sample: Sample, max_length: in
             ids = ids + [tok.eos_token_id]  # so the model learns where a document ends
         mask = [True] * len(ids)
     else:
-        text, spans = assistant_spans(tok, sample.messages)
+        try:
+            text, spans = assistant_spans(tok, sample.messages)
+        except Exception as err:  # a Jinja error in the template, e.g. an unexpected role or order
+            raise DataError(f"{sample.where}: the chat template cannot render this conversation: {err}") from None
         # The template writes BOS etc. itself, so the tokenizer must not add them again.
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from unitune.config import TrainConfig
 from unitune.data import Batches
+from unitune.data.tokenize import IGNORE
 from unitune.engine import checkpoint
 from unitune.engine.precision import autocast
 from unitune.engine.schedule import make_scheduler
@@ -57,16 +58,20 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   lr_scale: Callable[[str, torch.Tensor], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, grouped by learning-rate scale (a method may ask for
+    several, as LoRA+ does) and by weight decay (none on biases and norm scales, the 1-D params)."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (lr_scale(name, p) if lr_scale else 1.0, cfg.weight_decay if p.ndim >= 2 else 0.0)
+            groups.setdefault(key, []).append(p)
+    if not groups:
         raise ValueError("the method left no parameter to train")
-    # No weight decay on biases and norm scales (1-D), the usual AdamW practice.
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             fused=fused or None)
+    fused = all(p.is_cuda for ps in groups.values() for p in ps)
+    return torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()],
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def train_loop(
@@ -80,10 +85,11 @@ def train_loop(
     amp: torch.dtype | None,
     resume: bool = False,
     eval_at_start: bool = True,
+    lr_scale: Callable[[str, torch.Tensor], float] | None = None,
 ) -> History:
     steps = total_steps(cfg, len(batches))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, lr_scale)
     scheduler = make_scheduler(optimizer, steps, warmup, cfg.schedule, cfg.min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     ckpt_dir = run_dir / "checkpoints"
@@ -122,11 +128,12 @@ def train_loop(
         run_eval(0)  # the "before" number: what the run changed is measured against it
     model.train()
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not is_main_process())
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, train_time = 0, 0.0  # throughput counts training time only, not evaluation
     step = start
     for step in range(start + 1, steps + 1):
+        t0 = time.perf_counter()
         micro = [batches.next() for _ in range(cfg.grad_accum)]
-        n_loss = sum(int((b["targets"] != -100).sum()) for b in micro)
+        n_loss = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
         step_loss = 0.0
         for batch in micro:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -155,9 +162,9 @@ def train_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        elapsed = time.perf_counter() - t0
+        train_time += time.perf_counter() - t0
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed}
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time}
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")

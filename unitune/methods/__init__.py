@@ -5,6 +5,7 @@ Adding a method is one new module and one line in METHODS.
 """
 from __future__ import annotations
 
+from functools import partial
 from types import ModuleType
 
 from unitune.methods import full, ia3, lora
@@ -25,6 +26,12 @@ def method_config(data: dict):
 
 def apply_method(model, cfg):
     return METHODS[cfg.name].apply(model, cfg)
+
+
+def lr_scale(cfg):
+    """The method's per-parameter learning-rate multiplier, if it has one (LoRA+)."""
+    scale = getattr(METHODS[cfg.name], "lr_scale", None)
+    return partial(scale, cfg) if scale else None
 
 
 def describe() -> dict[str, str]:

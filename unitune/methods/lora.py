@@ -29,6 +29,15 @@ class Config(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     rslora: bool = False
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B (and 1-D params) learn this much faster
+
+
+def lr_scale(cfg: Config, name: str, param: torch.Tensor) -> float:
+    """LoRA+ (Hayou et al., 2024): B gets a larger learning rate than A; grouping as in PEFT's
+    create_loraplus_optimizer."""
+    if cfg.loraplus_lr_ratio and ("lora_B" in name or param.ndim == 1):
+        return cfg.loraplus_lr_ratio
+    return 1.0
 
 
 class _MergedLoRA(torch.autograd.Function):

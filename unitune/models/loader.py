@@ -19,8 +19,10 @@ from unitune.config import ModelConfig
 from unitune.models.builtin import BUILTINS, resolve
 
 # Used when a tokenizer has no chat template of its own (base models, tiny test tokenizers).
+# Turns end with the tokenizer's EOS so a tuned base model stops after its answer, whether or
+# not its vocabulary knows ChatML's <|im_end|>.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
