@@ -131,3 +131,24 @@ def test_chat_streams_replies(tiny_llama, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     assert main(["chat", str(tiny_llama), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.count("model> ") == 2
+
+
+@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "bitfit"}, {"name": "layernorm"},
+                                    {"name": "partial", "last_n_blocks": 1}])
+def test_every_method_trains_end_to_end(tiny_recipe, tmp_path, method, request):
+    recipe = {**tiny_recipe, "method": method, "eval": {"generate": 0}, "train": {**tiny_recipe["train"], "steps": 3}}
+    if method["name"] == "bitfit":  # Llama has no biases; GPT-2 does
+        recipe["model"] = {"name": str(request.getfixturevalue("tiny_gpt2"))}
+    run = unitune.train(recipe)
+    assert run.metrics["val_loss"] != run.before["val_loss"]
+    assert 0 < run.params["trainable"] < run.params["total"]
+    if method["name"] == "ia3":
+        assert json.loads((run.output / "adapter_config.json").read_text())["peft_type"] == "IA3"
+        tuned = unitune.load_run_or_model(run.dir).model.eval()
+        merged = unitune.merge(run.dir, tmp_path / "merged")
+        x = torch.randint(3, 300, (1, 9))
+        with torch.no_grad():
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(x).logits, tuned(x).logits,
+                                       atol=1e-5, rtol=1e-5)
+    else:
+        assert (run.output / "config.json").is_file()

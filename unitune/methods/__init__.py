@@ -5,12 +5,14 @@ Adding a method is one new module and one line in METHODS.
 """
 from __future__ import annotations
 
-from functools import partial
+import functools
 from types import ModuleType
 
-from unitune.methods import full, ia3, lora
+from unitune.methods import bitfit, full, ia3, layernorm, lora, partial
 
-METHODS: dict[str, ModuleType] = {"full": full, "lora": lora, "ia3": ia3}
+METHODS: dict[str, ModuleType] = {
+    "full": full, "lora": lora, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
+}
 
 
 def method_config(data: dict):
@@ -31,7 +33,7 @@ def apply_method(model, cfg):
 def lr_scale(cfg):
     """The method's per-parameter learning-rate multiplier, if it has one (LoRA+)."""
     scale = getattr(METHODS[cfg.name], "lr_scale", None)
-    return partial(scale, cfg) if scale else None
+    return functools.partial(scale, cfg) if scale else None
 
 
 def describe() -> dict[str, str]:
