@@ -133,8 +133,8 @@ def test_chat_streams_replies(tiny_llama, monkeypatch, capsys):
     assert capsys.readouterr().out.count("model> ") == 2
 
 
-@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "bitfit"}, {"name": "layernorm"},
-                                    {"name": "partial", "last_n_blocks": 1}])
+@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "lora", "dora": True, "loraplus_lr_ratio": 4},
+                                    {"name": "bitfit"}, {"name": "layernorm"}, {"name": "partial", "last_n_blocks": 1}])
 def test_every_method_trains_end_to_end(tiny_recipe, tmp_path, method, request):
     recipe = {**tiny_recipe, "method": method, "eval": {"generate": 0}, "train": {**tiny_recipe["train"], "steps": 3}}
     if method["name"] == "bitfit":  # Llama has no biases; GPT-2 does
@@ -142,8 +142,8 @@ def test_every_method_trains_end_to_end(tiny_recipe, tmp_path, method, request):
     run = unitune.train(recipe)
     assert run.metrics["val_loss"] != run.before["val_loss"]
     assert 0 < run.params["trainable"] < run.params["total"]
-    if method["name"] == "ia3":
-        assert json.loads((run.output / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    if method["name"] in ("ia3", "lora"):
+        assert json.loads((run.output / "adapter_config.json").read_text())["peft_type"] == method["name"].upper()
         tuned = unitune.load_run_or_model(run.dir).model.eval()
         merged = unitune.merge(run.dir, tmp_path / "merged")
         x = torch.randint(3, 300, (1, 9))

@@ -97,7 +97,7 @@ def _methods(args) -> None:
     from unitune.methods import describe
 
     for name, line in describe().items():
-        print(f"{name:8s} {line}")
+        print(f"{name:10s} {line}")
 
 
 def parser() -> argparse.ArgumentParser:

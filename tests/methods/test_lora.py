@@ -117,3 +117,31 @@ def test_loraplus_groups_match_peft(tiny_llama):
     ours_lrs, their_lrs = lrs(ours, ours_model), lrs(theirs, peft_model)
     assert ours_lrs == their_lrs
     assert {v for k, v in ours_lrs.items() if "lora_B" in k} == {1.6e-3}
+
+
+@pytest.mark.parametrize("fixture,targets", [("tiny_llama", "all-linear"), ("tiny_gpt2", ["c_attn", "c_fc"])])
+def test_dora_matches_peft_both_ways_and_merges(request, tmp_path, fixture, targets):
+    path = request.getfixturevalue(fixture)
+    cfg = Config(r=4, alpha=8, target_modules=targets, dora=True)
+    ours = _randomize(lora.apply(_load(path), cfg))  # magnitudes too: they are lora_ parameters
+    io.save_adapter(ours, tmp_path / "ours", cfg, str(path))
+    theirs = PeftModel.from_pretrained(_load(path), tmp_path / "ours").eval()
+    with torch.no_grad():
+        tuned = ours(X).logits
+        torch.testing.assert_close(tuned, theirs(X).logits, atol=1e-5, rtol=1e-5)
+        peft_model = _randomize(get_peft_model(_load(path), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                       use_dora=True))).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = io.load_adapter(_load(path), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(back(X).logits, peft_model(X).logits, atol=1e-5, rtol=1e-5)
+        layer = lora.lora_layers(ours)[0][1]
+        layer.merge(), layer.unmerge()
+        torch.testing.assert_close(ours(X).logits, tuned, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lora.merge_and_unload(ours)(X).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_starts_at_the_base_model(tiny_llama):
+    model = lora.apply(_load(tiny_llama), Config(r=4, target_modules="all-linear", dora=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(X).logits, _load(tiny_llama)(X).logits, atol=1e-5, rtol=1e-5)

@@ -2,7 +2,9 @@
 
 y = W x + (alpha / r) · B A dropout(x), with A Kaiming-uniform and B zero so training starts
 at the base model. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) instead, which keeps
-the update's size stable as the rank grows. Layout and init follow PEFT's LoraLayer, so an
+the update's size stable as the rank grows. DoRA (Liu et al., 2024) learns each output row's
+magnitude m apart from its direction: W' = m ⊙ (W + s·B A) / ||W + s·B A||, the norm taken
+per row and treated as a constant in backward (the paper's section 4.3, as PEFT does). Layout and init follow PEFT's LoraLayer, so an
 adapter moves between the two tools with the same numbers.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Config(Section):
     target_modules: str | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B (and 1-D params) learn this much faster
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
 
 
 def lr_scale(cfg: Config, name: str, param: torch.Tensor) -> float:
@@ -70,7 +73,8 @@ class _MergedLoRA(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with named LoRA adapters beside it."""
 
-    def __init__(self, base: nn.Module, adapter: str, r: int, alpha: float, dropout: float, rslora: bool):
+    def __init__(self, base: nn.Module, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
+                 dora: bool = False):
         super().__init__()
         self.base_layer = base
         # Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
@@ -79,12 +83,13 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged = False
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+        self.add_adapter(adapter, r, alpha, dropout, rslora, dora)
 
-    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> None:
         device = self.base_layer.weight.device
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -92,25 +97,50 @@ class LoRALinear(nn.Module):
         self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
         nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter].weight)
+        if dora:  # B = 0, so the magnitude starts as the base rows' norms
+            self.lora_magnitude_vector[adapter] = nn.Parameter(self.dora_norm(adapter).float())
         self.active = adapter
+
+    def linear_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def dora_norm(self, adapter: str) -> torch.Tensor:
+        """||W + s·B A|| per output row, as a constant (no gradient flows through it)."""
+        with torch.no_grad():
+            lora_w = self.lora_B[adapter].weight @ self.lora_A[adapter].weight
+            return torch.linalg.norm(self.linear_weight() + self.scaling[adapter] * lora_w.to(self.linear_weight().dtype), dim=1)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """The update B·A·scale in the base weight's layout."""
         delta = self.lora_B[adapter].weight @ self.lora_A[adapter].weight * self.scaling[adapter]
         return delta.T if self.fan_in_fan_out else delta
 
+    def _dora_factor(self, adapter: str) -> torch.Tensor:
+        """m / ||W + s·B A||, shaped to scale the rows of the base weight's own layout."""
+        f = (self.lora_magnitude_vector[adapter] / self.dora_norm(adapter)).detach()
+        return f[None, :] if self.fan_in_fan_out else f[:, None]
+
     def merge(self) -> None:
         if self.active is None or self.merged:
             return
-        w = self.base_layer.weight
-        w.data += self.delta_weight(self.active).to(w.dtype)
+        w, a = self.base_layer.weight, self.active
+        with torch.no_grad():
+            if a in self.lora_magnitude_vector:
+                self._merged_factor = self._dora_factor(a).to(w.dtype)
+                w.add_(self.delta_weight(a).to(w.dtype)).mul_(self._merged_factor)
+            else:
+                w.add_(self.delta_weight(a).to(w.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.data -= self.delta_weight(self.active).to(w.dtype)
+        w, a = self.base_layer.weight, self.active
+        with torch.no_grad():
+            if a in self.lora_magnitude_vector:
+                w.div_(self._merged_factor)
+            w.sub_(self.delta_weight(a).to(w.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,13 +149,26 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A[self.active], self.lora_B[self.active]
         dropout = self.lora_dropout[self.active]
         w = self.base_layer.weight
-        if (w.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type)
-                and (isinstance(dropout, nn.Identity) or not self.training)):
+        no_dropout = isinstance(dropout, nn.Identity) or not self.training
+        if self.active in self.lora_magnitude_vector:
+            return self._dora_forward(x, a, b, dropout, no_dropout)
+        if w.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type) and no_dropout:
             weight = w.T if self.fan_in_fan_out else w
             return _MergedLoRA.apply(x, weight, self.base_layer.bias, a.weight, b.weight, self.scaling[self.active])
         out = self.base_layer(x)
         h = dropout(x).to(a.weight.dtype)
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
+
+    def _dora_forward(self, x, a, b, dropout, no_dropout) -> torch.Tensor:
+        # m/||W + sBA|| · (W + sBA) x, written as a correction on top of the base output (as PEFT).
+        out = self.base_layer(x)
+        s = self.scaling[self.active]
+        scale = (self.lora_magnitude_vector[self.active] / self.dora_norm(self.active)).to(out.dtype)
+        h = dropout(x)
+        bias = self.base_layer.bias
+        base = (out - bias if bias is not None else out) if no_dropout else F.linear(h, self.linear_weight())
+        lora = b(a(h.to(a.weight.dtype))).to(out.dtype)
+        return out + (scale - 1) * base + scale * lora * s
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
@@ -133,7 +176,7 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
         p.requires_grad_(False)
     for name in find_targets(model, cfg.target_modules):
         base = model.get_submodule(name)
-        set_module(model, name, LoRALinear(base, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+        set_module(model, name, LoRALinear(base, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
     return model
 
 
@@ -148,6 +191,8 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
         if adapter in layer.lora_A:
             state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
             state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
+            if adapter in layer.lora_magnitude_vector:
+                state[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter]
     return state
 
 
@@ -158,16 +203,17 @@ def peft_config(cfg: Config, model: nn.Module) -> dict:
         # Leaf names, as a list: PEFT and vLLM both read that form.
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
         "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
-        "init_lora_weights": True, "use_dora": False,
+        "init_lora_weights": True, "use_dora": cfg.dora,
     }
 
 
 def config_from_peft(raw: dict, where) -> Config:
-    for unsupported in ("use_dora", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+    for unsupported in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
         if raw.get(unsupported):
             raise ValueError(f"{where}: adapter_config.json sets '{unsupported}', which unitune cannot load yet")
     return Config(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                  target_modules=raw["target_modules"], rslora=raw.get("use_rslora", False))
+                  target_modules=raw["target_modules"], rslora=raw.get("use_rslora", False),
+                  dora=bool(raw.get("use_dora", False)))
 
 
 class disabled:
