@@ -145,3 +145,33 @@ def test_dora_starts_at_the_base_model(tiny_llama):
     model = lora.apply(_load(tiny_llama), Config(r=4, target_modules="all-linear", dora=True))
     with torch.no_grad():
         torch.testing.assert_close(model(X).logits, _load(tiny_llama)(X).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_named_adapters_switch_disable_delete(tiny_llama):
+    one, two = Config(r=4, target_modules="all-linear"), Config(r=2, target_modules=["q_proj", "v_proj"], dora=True)
+    single_a = _randomize(lora.apply(_load(tiny_llama), one, "a"))
+    g = torch.Generator().manual_seed(5)
+    model = lora.apply(_load(tiny_llama), one, "a")
+    model.load_state_dict(single_a.state_dict())
+    model = lora.apply(model, two, "b")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".b." in n or n.endswith(".b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        base = _load(tiny_llama)(X).logits
+        with_b = model(X).logits
+        assert not torch.allclose(with_b, base, atol=1e-3)
+        # Only b's parameters train while b is active.
+        assert all(".b" in n for n, p in model.named_parameters() if p.requires_grad)
+        lora.set_adapter(model, "a")
+        torch.testing.assert_close(model(X).logits, single_a(X).logits, atol=1e-6, rtol=1e-6)
+        with lora.disabled(model):
+            torch.testing.assert_close(model(X).logits, base)
+        lora.delete_adapter(model, "a")
+        with pytest.raises(ValueError, match=r"no adapter named 'a'.*\['b'\]"):
+            lora.set_adapter(model, "a")
+        lora.set_adapter(model, "b")
+        torch.testing.assert_close(model(X).logits, with_b, atol=1e-6, rtol=1e-6)
+        lora.delete_adapter(model, "b")
+        assert not lora.lora_layers(model)
+        torch.testing.assert_close(model(X).logits, base)

@@ -172,12 +172,49 @@ class LoRALinear(nn.Module):
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
+    """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
     for p in model.parameters():
         p.requires_grad_(False)
     for name in find_targets(model, cfg.target_modules):
-        base = model.get_submodule(name)
-        set_module(model, name, LoRALinear(base, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
+        layer = model.get_submodule(name)
+        if isinstance(layer, LoRALinear):
+            if adapter in layer.lora_A:
+                raise ValueError(f"{name} already has an adapter named '{adapter}'")
+            layer.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
+        else:
+            set_module(model, name, LoRALinear(layer, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
+    set_adapter(model, adapter)
     return model
+
+
+def set_adapter(model: nn.Module, adapter: str) -> None:
+    """Make `adapter` the active one (and the one that trains); layers without it run as the base."""
+    layers = lora_layers(model)
+    if not any(adapter in m.lora_A for _, m in layers):
+        names = sorted({a for _, m in layers for a in m.lora_A})
+        raise ValueError(f"no adapter named '{adapter}'; this model has {names}")
+    for _, m in layers:
+        if m.merged:
+            raise RuntimeError("unmerge adapters before switching")
+        m.active = adapter if adapter in m.lora_A else None
+        for name, p in m.named_parameters():
+            if not name.startswith("base_layer."):  # lora_A.<adapter>.weight, lora_magnitude_vector.<adapter>
+                p.requires_grad_(name.split(".")[1] == adapter)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove an adapter; a layer left with none becomes its plain base layer again."""
+    for name, m in lora_layers(model):
+        if adapter not in m.lora_A:
+            continue
+        for store in (m.lora_A, m.lora_B, m.lora_dropout, m.lora_magnitude_vector):
+            if adapter in store:
+                del store[adapter]
+        m.scaling.pop(adapter)
+        if m.active == adapter:
+            m.active = None
+        if not len(m.lora_A):
+            set_module(model, name, m.base_layer)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

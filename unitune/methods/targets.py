@@ -27,9 +27,16 @@ def matches(name: str, targets: str | list[str]) -> bool:
 
 
 def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the linear modules to wrap; an error that lists candidates if none match."""
+    """Names of the linear modules to wrap; an error that lists candidates if none match.
+
+    A layer already wrapped by a method (it has a `base_layer`) counts as the linear layer it
+    wraps, so a second adapter lands beside the first; nothing inside a wrapper is a target.
+    """
     skip = _output_layer_names(model)
-    linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
+    wrappers = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    inside = lambda n: any(n.startswith(w + ".") for w in wrappers)  # noqa: E731
+    linear = [n for n, m in model.named_modules()
+              if (n in wrappers or isinstance(m, LINEAR_TYPES)) and n not in skip and not inside(n)]
     if targets == "all-linear":
         found = linear
     else:
