@@ -138,7 +138,11 @@ def test_dora_matches_peft_both_ways_and_merges(request, tmp_path, fixture, targ
         layer = lora.lora_layers(ours)[0][1]
         layer.merge(), layer.unmerge()
         torch.testing.assert_close(ours(X).logits, tuned, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lora.merge_and_unload(ours)(X).logits, tuned, atol=1e-5, rtol=1e-5)
+        merged = lora.merge_and_unload(ours)
+        torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")  # untied on merge, and saved so
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "merged")(X).logits, tuned, atol=1e-5, rtol=1e-5)
 
 
 def test_dora_starts_at_the_base_model(tiny_llama):
@@ -175,3 +179,25 @@ def test_named_adapters_switch_disable_delete(tiny_llama):
         lora.delete_adapter(model, "b")
         assert not lora.lora_layers(model)
         torch.testing.assert_close(model(X).logits, base)
+
+
+@pytest.mark.parametrize("fixture,targets", [("tiny_llama", ["embed_tokens", "q_proj"]), ("tiny_gpt2", ["wte", "c_attn"])])
+def test_embedding_lora_matches_peft_both_ways(request, tmp_path, fixture, targets):
+    path = request.getfixturevalue(fixture)
+    cfg = Config(r=4, alpha=8, target_modules=targets)
+    ours = _randomize(lora.apply(_load(path), cfg))
+    assert any(isinstance(m, lora.LoRAEmbedding) for _, m in lora.lora_layers(ours))
+    io.save_adapter(ours, tmp_path / "ours", cfg, str(path))
+    theirs = PeftModel.from_pretrained(_load(path), tmp_path / "ours").eval()
+    peft_model = _randomize(get_peft_model(_load(path), LoraConfig(r=4, lora_alpha=8, target_modules=targets))).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = io.load_adapter(_load(path), tmp_path / "peft")
+    with torch.no_grad():
+        tuned = ours.eval()(X).logits
+        torch.testing.assert_close(tuned, theirs(X).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(X).logits, peft_model(X).logits, atol=1e-5, rtol=1e-5)
+        merged = lora.merge_and_unload(ours)
+        torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")  # untied on merge, and saved so
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "merged")(X).logits, tuned, atol=1e-5, rtol=1e-5)

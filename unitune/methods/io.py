@@ -65,6 +65,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     # PEFT may keep the adapter name in keys (`lora_A.default.weight`); accept both forms.
     saved = {re.sub(r"\.default(?=\.|$)", "", k.removeprefix(PEFT_PREFIX)): v for k, v in saved.items()}
     expected = method.adapter_state(model)
+    # PEFT also saves whole embedding layers when LoRA targets them (the vocabulary may have grown):
+    # those are base weights of this model and load as such.
+    params = dict(model.named_parameters())
+    expected.update({k: params[k] for k in saved if k not in expected and k.endswith(".base_layer.weight") and k in params})
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: adapter does not fit this base model: {len(missing)} missing tensors "

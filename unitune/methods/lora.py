@@ -73,6 +73,16 @@ class _MergedLoRA(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with named LoRA adapters beside it."""
 
+    def stores(self) -> tuple:
+        return self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector
+
+    def state(self, adapter: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's names, relative to the layer."""
+        out = {"lora_A.weight": self.lora_A[adapter].weight, "lora_B.weight": self.lora_B[adapter].weight}
+        if adapter in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter]
+        return out
+
     def __init__(self, base: nn.Module, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
                  dora: bool = False):
         super().__init__()
@@ -108,8 +118,9 @@ class LoRALinear(nn.Module):
     def dora_norm(self, adapter: str) -> torch.Tensor:
         """||W + s·B A|| per output row, as a constant (no gradient flows through it)."""
         with torch.no_grad():
+            w = self.linear_weight()
             lora_w = self.lora_B[adapter].weight @ self.lora_A[adapter].weight
-            return torch.linalg.norm(self.linear_weight() + self.scaling[adapter] * lora_w.to(self.linear_weight().dtype), dim=1)
+            return torch.linalg.norm(w + self.scaling[adapter] * lora_w.to(w.dtype), dim=1)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """The update B·A·scale in the base weight's layout."""
@@ -171,18 +182,70 @@ class LoRALinear(nn.Module):
         return out + (scale - 1) * base + scale * lora * s
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding with named LoRA adapters: rows of A (r x vocab) are looked up, then
+    projected by B. A starts at zero and B normal, as in PEFT."""
+
+    def __init__(self, base: nn.Embedding, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
+                 dora: bool = False):
+        super().__init__()
+        if dora:
+            raise ValueError("DoRA on embedding layers is not supported; leave the embeddings out of target_modules")
+        self.base_layer = base
+        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged = False
+        self.add_adapter(adapter, r, alpha, dropout, rslora)
+
+    def stores(self) -> tuple:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def state(self, adapter: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[adapter], "lora_embedding_B": self.lora_embedding_B[adapter]}
+
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> None:
+        n, d = self.base_layer.weight.shape
+        device = self.base_layer.weight.device
+        self.lora_embedding_A[adapter] = nn.Parameter(torch.zeros(r, n, device=device))
+        self.lora_embedding_B[adapter] = nn.Parameter(torch.randn(d, r, device=device))
+        self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.active = adapter
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_embedding_B[adapter] @ self.lora_embedding_A[adapter]).T * self.scaling[adapter]
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
+    lora_magnitude_vector: dict = {}  # no DoRA here; lets the shared merge code ask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.active is None or self.merged:
+            return out
+        b = self.base_layer
+        h = F.embedding(x, self.lora_embedding_A[self.active].T, b.padding_idx, b.max_norm, b.norm_type,
+                        b.scale_grad_by_freq, b.sparse)
+        delta = h @ self.lora_embedding_B[self.active].T * self.scaling[self.active]
+        scale = getattr(b, "embed_scale", None)  # Gemma scales its embeddings; the update too
+        return out + (delta * scale if scale is not None else delta).to(out.dtype)
+
+
+LAYERS = {nn.Embedding: LoRAEmbedding}
+
+
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in find_targets(model, cfg.target_modules):
+    for name in find_targets(model, cfg.target_modules, embeddings=True):
         layer = model.get_submodule(name)
-        if isinstance(layer, LoRALinear):
-            if adapter in layer.lora_A:
+        if isinstance(layer, LORA_TYPES):
+            if adapter in layer.scaling:
                 raise ValueError(f"{name} already has an adapter named '{adapter}'")
             layer.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
         else:
-            set_module(model, name, LoRALinear(layer, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
+            wrapper = LAYERS.get(type(layer), LoRALinear)
+            set_module(model, name, wrapper(layer, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
     set_adapter(model, adapter)
     return model
 
@@ -190,47 +253,44 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
 def set_adapter(model: nn.Module, adapter: str) -> None:
     """Make `adapter` the active one (and the one that trains); layers without it run as the base."""
     layers = lora_layers(model)
-    if not any(adapter in m.lora_A for _, m in layers):
-        names = sorted({a for _, m in layers for a in m.lora_A})
+    if not any(adapter in m.scaling for _, m in layers):
+        names = sorted({a for _, m in layers for a in m.scaling})
         raise ValueError(f"no adapter named '{adapter}'; this model has {names}")
     for _, m in layers:
         if m.merged:
             raise RuntimeError("unmerge adapters before switching")
-        m.active = adapter if adapter in m.lora_A else None
+        m.active = adapter if adapter in m.scaling else None
         for name, p in m.named_parameters():
-            if not name.startswith("base_layer."):  # lora_A.<adapter>.weight, lora_magnitude_vector.<adapter>
+            if not name.startswith("base_layer."):  # lora_A.<adapter>.weight, lora_embedding_A.<adapter>, ...
                 p.requires_grad_(name.split(".")[1] == adapter)
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter; a layer left with none becomes its plain base layer again."""
     for name, m in lora_layers(model):
-        if adapter not in m.lora_A:
+        if adapter not in m.scaling:
             continue
-        for store in (m.lora_A, m.lora_B, m.lora_dropout, m.lora_magnitude_vector):
+        for store in m.stores():
             if adapter in store:
                 del store[adapter]
         m.scaling.pop(adapter)
         if m.active == adapter:
             m.active = None
-        if not len(m.lora_A):
+        if not m.scaling:
             set_module(model, name, m.base_layer)
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+LORA_TYPES = (LoRALinear, LoRAEmbedding)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
 
 
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's live tensors under PEFT's names (without the `base_model.model.` prefix)."""
-    state = {}
-    for name, layer in lora_layers(model):
-        if adapter in layer.lora_A:
-            state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
-            state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
-            if adapter in layer.lora_magnitude_vector:
-                state[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter]
-    return state
+    return {f"{name}.{k}": t for name, layer in lora_layers(model) if adapter in layer.scaling
+            for k, t in layer.state(adapter).items()}
 
 
 def peft_config(cfg: Config, model: nn.Module) -> dict:
@@ -239,7 +299,7 @@ def peft_config(cfg: Config, model: nn.Module) -> dict:
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         # Leaf names, as a list: PEFT and vLLM both read that form.
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
-        "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        "bias": "none", "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         "init_lora_weights": True, "use_dora": cfg.dora,
     }
 
@@ -272,8 +332,18 @@ class disabled:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weight and put the plain layer back."""
+    """Fold every active adapter into its base weight and put the plain layer back.
+
+    An embedding tied to the LM head (SmolLM2, Gemma, ...) is untied first: the update belongs to
+    the input embeddings only, and folding it into a shared weight would change the head too.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, layer in lora_layers(model):
+        if isinstance(layer, LoRAEmbedding) and head is not None and head.weight is layer.base_layer.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
         layer.merge()
         set_module(model, name, layer.base_layer)
     return model

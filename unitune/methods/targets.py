@@ -26,11 +26,13 @@ def matches(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+def find_targets(model: nn.Module, targets: str | list[str], embeddings: bool = False) -> list[str]:
     """Names of the linear modules to wrap; an error that lists candidates if none match.
 
     A layer already wrapped by a method (it has a `base_layer`) counts as the linear layer it
     wraps, so a second adapter lands beside the first; nothing inside a wrapper is a target.
+    With `embeddings`, embedding layers named explicitly are targets too ('all-linear' never
+    includes them).
     """
     skip = _output_layer_names(model)
     wrappers = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
@@ -40,7 +42,8 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     if targets == "all-linear":
         found = linear
     else:
-        found = [n for n in linear if matches(n, targets)]
+        embeds = [n for n, m in model.named_modules() if embeddings and isinstance(m, nn.Embedding) and not inside(n)]
+        found = [n for n in linear + embeds if matches(n, targets)]
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(
