@@ -68,14 +68,14 @@ def test_targets_and_freezing(tiny_llama):
     names = [n for n, _ in lora.lora_layers(model)]
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="matches no linear layer.*q_proj"):
+    with pytest.raises(ValueError, match="matches no layer.*q_proj"):
         lora.apply(_load(tiny_llama), Config(target_modules=["query"]))
 
 
 def test_adapter_that_does_not_fit_is_refused(tiny_llama, tiny_gpt2, tmp_path):
     cfg = Config(r=4, target_modules=["q_proj"])
     io.save_adapter(lora.apply(_load(tiny_llama), cfg), tmp_path / "a", cfg, "x")
-    with pytest.raises(ValueError, match="matches no linear layer"):
+    with pytest.raises(ValueError, match="matches no layer"):
         io.load_adapter(_load(tiny_gpt2), tmp_path / "a")
 
 
@@ -201,3 +201,64 @@ def test_embedding_lora_matches_peft_both_ways(request, tmp_path, fixture, targe
     merged.save_pretrained(tmp_path / "merged")  # untied on merge, and saved so
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path / "merged")(X).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.proj = torch.nn.Conv2d(8, 16, 1)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.proj(torch.relu(self.block(torch.relu(self.stem(x)))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_conv2d_lora_matches_peft_both_ways_and_merges(tmp_path):
+    img = torch.randn(2, 3, 16, 16)
+    cfg = Config(r=4, alpha=8, target_modules=["stem", "block", "proj", "fc"])
+    ours = _randomize(lora.apply(TinyCNN(), cfg))
+    assert {type(m).__name__ for _, m in lora.lora_layers(ours)} == {"LoRAConv2d", "LoRALinear"}
+    io.save_adapter(ours, tmp_path / "ours", cfg, "tiny-cnn")
+    theirs = PeftModel.from_pretrained(TinyCNN(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        tuned = ours(img)
+        torch.testing.assert_close(tuned, theirs(img), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tuned, TinyCNN()(img), atol=1e-3)
+    peft_model = _randomize(get_peft_model(TinyCNN(), LoraConfig(r=4, lora_alpha=8, target_modules=["stem", "proj"])))
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = io.load_adapter(TinyCNN(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(back(img), peft_model(img), atol=1e-5, rtol=1e-5)
+        merged = lora.merge_and_unload(ours)
+        assert isinstance(merged.block, torch.nn.Conv2d)
+        torch.testing.assert_close(merged(img), tuned, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_init_matches_peft_and_saves_for_the_original_base(tiny_llama, tmp_path, init):
+    cfg = Config(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init=init)
+    ours = lora.apply(_load(tiny_llama), cfg)
+    peft_model = get_peft_model(_load(tiny_llama), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                              init_lora_weights=init))
+    theirs = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+              for n, p in peft_model.named_parameters()}
+    for n, p in ours.named_parameters():  # A, B and the residual base weights
+        torch.testing.assert_close(p, theirs[n.replace(".base_layer", "")], atol=1e-5, rtol=1e-4)
+    base = _load(tiny_llama)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X).logits, base(X).logits, atol=1e-5, rtol=1e-4)  # step 0 is the base model
+        for n, p in ours.named_parameters():  # "train": move A and B away from their start
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+        tuned = ours(X).logits
+    io.save_adapter(ours, tmp_path / "a", cfg, str(tiny_llama))
+    on_original = PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "a").eval()  # rank 2r, plain LoRA
+    assert on_original.peft_config["default"].r == 8
+    with torch.no_grad():
+        torch.testing.assert_close(on_original(X).logits, tuned, atol=1e-5, rtol=1e-4)
+        lora.delete_adapter(ours, "default")  # hands the base back what the init took out
+        torch.testing.assert_close(ours(X).logits, base(X).logits, atol=1e-5, rtol=1e-4)

@@ -39,9 +39,19 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in method.adapter_state(model).items()}
     save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": method.PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+    config = {"peft_type": method.PEFT_TYPE, "task_type": task_type(model), "base_model_name_or_path": base_name,
               "inference_mode": True, "modules_to_save": None, **method.peft_config(cfg, model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for this model class; None (a plain PeftModel) for any other module."""
+    name = type(model).__name__
+    return next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

@@ -4,8 +4,10 @@ y = W x + (alpha / r) · B A dropout(x), with A Kaiming-uniform and B zero so tr
 at the base model. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) instead, which keeps
 the update's size stable as the rank grows. DoRA (Liu et al., 2024) learns each output row's
 magnitude m apart from its direction: W' = m ⊙ (W + s·B A) / ||W + s·B A||, the norm taken
-per row and treated as a constant in backward (the paper's section 4.3, as PEFT does). Layout and init follow PEFT's LoraLayer, so an
-adapter moves between the two tools with the same numbers.
+per row and treated as a constant in backward (the paper's section 4.3, as PEFT does).
+PiSSA (Meng et al., 2024) and OLoRA (Büyükakyüz, 2024) start A and B from the top-r SVD or the
+QR factors of W and train on the residual W - s·B A, so step 0 is still the base model. Layout
+and init follow PEFT's LoraLayer, so an adapter moves between the two tools with the same numbers.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class Config(Section):
     rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B (and 1-D params) learn this much faster
     dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
+    # kaiming: A random, B zero. pissa / olora: principal directions of W (the saved adapter is
+    # converted to a plain rank-2r LoRA of the original base, as PEFT's weight conversion does).
+    init: Literal["kaiming", "pissa", "olora"] = "kaiming"
 
 
 def lr_scale(cfg: Config, name: str, param: torch.Tensor) -> float:
@@ -77,14 +82,22 @@ class LoRALinear(nn.Module):
         return self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector
 
     def state(self, adapter: str) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under PEFT's names, relative to the layer."""
-        out = {"lora_A.weight": self.lora_A[adapter].weight, "lora_B.weight": self.lora_B[adapter].weight}
+        """This adapter's tensors under PEFT's names, relative to the layer.
+
+        A PiSSA/OLoRA adapter was trained against the residual base; W + s(BA - B0 A0) is the
+        same model on the original base, i.e. the rank-2r LoRA [A; A0], [B, -B0].
+        """
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if adapter in self.lora_init:
+            a0, b0 = self.lora_init[adapter]
+            a, b = torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
+        out = {"lora_A.weight": a, "lora_B.weight": b}
         if adapter in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter]
         return out
 
     def __init__(self, base: nn.Module, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
-                 dora: bool = False):
+                 dora: bool = False, init: str = "kaiming"):
         super().__init__()
         self.base_layer = base
         # Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
@@ -95,11 +108,13 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
+        self.lora_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA starting A, B
         self.active: str | None = None
         self.merged = False
-        self.add_adapter(adapter, r, alpha, dropout, rslora, dora)
+        self.add_adapter(adapter, r, alpha, dropout, rslora, dora, init)
 
-    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> None:
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
+                    init: str = "kaiming") -> None:
         device = self.base_layer.weight.device
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -107,9 +122,33 @@ class LoRALinear(nn.Module):
         self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
         nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter].weight)
-        if dora:  # B = 0, so the magnitude starts as the base rows' norms
+        if init != "kaiming":
+            self._principal_init(adapter, r, init)
+        if dora:  # the magnitude starts as the rows' norms of the weight the layer computes with
             self.lora_magnitude_vector[adapter] = nn.Parameter(self.dora_norm(adapter).float())
         self.active = adapter
+
+    @torch.no_grad()
+    def _principal_init(self, adapter: str, r: int, init: str) -> None:
+        """PiSSA: A = sqrt(S_r/s) V_r^T, B = U_r sqrt(S_r/s). OLoRA: W = QR, A = R_r, B = Q_r.
+        Either way the base keeps W - s·B A, so the layer's output is unchanged."""
+        w = self.base_layer.weight
+        full = self.linear_weight().float()
+        if min(full.shape) < r:
+            raise ValueError(f"{init} init needs r <= {min(full.shape)} (the weight's smaller side), got r={r}")
+        s = self.scaling[adapter]
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(full, full_matrices=False)
+            root = (sv[:r] / s).sqrt()
+            a, b = root[:, None] * vh[:r], u[:, :r] * root
+        else:
+            q, rr = torch.linalg.qr(full)
+            a, b = rr[:r], q[:, :r]
+        self.lora_A[adapter].weight.copy_(a.contiguous())
+        self.lora_B[adapter].weight.copy_(b.contiguous())
+        residual = full - s * b @ a
+        w.copy_((residual.T if self.fan_in_fan_out else residual).to(w.dtype))
+        self.lora_init[adapter] = (a.clone(), b.clone())
 
     def linear_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -187,10 +226,11 @@ class LoRAEmbedding(nn.Module):
     projected by B. A starts at zero and B normal, as in PEFT."""
 
     def __init__(self, base: nn.Embedding, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
-                 dora: bool = False):
+                 dora: bool = False, init: str = "kaiming"):
         super().__init__()
-        if dora:
-            raise ValueError("DoRA on embedding layers is not supported; leave the embeddings out of target_modules")
+        if dora or init != "kaiming":
+            raise ValueError("LoRA on embedding layers supports neither DoRA nor PiSSA/OLoRA init; "
+                             "leave the embeddings out of target_modules or use the default init")
         self.base_layer = base
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -204,7 +244,8 @@ class LoRAEmbedding(nn.Module):
     def state(self, adapter: str) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A[adapter], "lora_embedding_B": self.lora_embedding_B[adapter]}
 
-    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> None:
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
+                    init: str = "kaiming") -> None:
         n, d = self.base_layer.weight.shape
         device = self.base_layer.weight.device
         self.lora_embedding_A[adapter] = nn.Parameter(torch.zeros(r, n, device=device))
@@ -230,22 +271,70 @@ class LoRAEmbedding(nn.Module):
         return out + (delta * scale if scale is not None else delta).to(out.dtype)
 
 
-LAYERS = {nn.Embedding: LoRAEmbedding}
+class LoRAConv2d(LoRALinear):
+    """A frozen nn.Conv2d with LoRA: A is a conv with the base's kernel, stride and padding into r
+    channels, B a 1x1 conv back out (PEFT's layout)."""
+
+    def __init__(self, base: nn.Conv2d, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
+                 dora: bool = False, init: str = "kaiming"):
+        if dora or init != "kaiming":
+            raise ValueError("LoRA on Conv2d supports neither DoRA nor PiSSA/OLoRA init; leave the convolutions "
+                             "out of target_modules or use the default init")
+        if base.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
+        nn.Module.__init__(self)
+        self.base_layer, self.fan_in_fan_out = base, False
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.lora_dropout, self.lora_magnitude_vector = nn.ModuleDict(), nn.ParameterDict()
+        self.scaling, self.lora_init = {}, {}
+        self.active, self.merged = None, False
+        self.add_adapter(adapter, r, alpha, dropout, rslora)
+
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
+                    init: str = "kaiming") -> None:
+        if dora or init != "kaiming":
+            raise ValueError("LoRA on Conv2d supports neither DoRA nor PiSSA/OLoRA init")
+        c = self.base_layer
+        device = c.weight.device
+        self.lora_A[adapter] = nn.Conv2d(c.in_channels, r, c.kernel_size, c.stride, c.padding, c.dilation,
+                                         bias=False, device=device)
+        self.lora_B[adapter] = nn.Conv2d(r, c.out_channels, 1, bias=False, device=device)
+        self.lora_dropout[adapter] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
+        nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter].weight)
+        self.active = adapter
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        # B (out, r, 1, 1) applied after A (r, in, kh, kw) is one conv with weight B·A over the r axis.
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.active is None or self.merged:
+            return out
+        a, b = self.lora_A[self.active], self.lora_B[self.active]
+        h = self.lora_dropout[self.active](x).to(a.weight.dtype)
+        return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
+
+
+LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in find_targets(model, cfg.target_modules, embeddings=True):
+    args = (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init)
+    for name in find_targets(model, cfg.target_modules, extra=tuple(LAYERS)):
         layer = model.get_submodule(name)
         if isinstance(layer, LORA_TYPES):
             if adapter in layer.scaling:
                 raise ValueError(f"{name} already has an adapter named '{adapter}'")
-            layer.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
+            layer.add_adapter(adapter, *args)
         else:
-            wrapper = LAYERS.get(type(layer), LoRALinear)
-            set_module(model, name, wrapper(layer, adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
+            set_module(model, name, LAYERS.get(type(layer), LoRALinear)(layer, adapter, *args))
     set_adapter(model, adapter)
     return model
 
@@ -270,6 +359,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     for name, m in lora_layers(model):
         if adapter not in m.scaling:
             continue
+        if adapter in getattr(m, "lora_init", {}):  # give the base back what PiSSA/OLoRA took out of it
+            a0, b0 = m.lora_init.pop(adapter)
+            with torch.no_grad():
+                delta = m.scaling[adapter] * b0 @ a0
+                m.base_layer.weight.add_((delta.T if m.fan_in_fan_out else delta).to(m.base_layer.weight.dtype))
         for store in m.stores():
             if adapter in store:
                 del store[adapter]
@@ -280,7 +374,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             set_module(model, name, m.base_layer)
 
 
-LORA_TYPES = (LoRALinear, LoRAEmbedding)
+LORA_TYPES = (LoRALinear, LoRAEmbedding)  # LoRAConv2d is a LoRALinear
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
@@ -301,6 +395,8 @@ def peft_config(cfg: Config, model: nn.Module) -> dict:
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
         "bias": "none", "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         "init_lora_weights": True, "use_dora": cfg.dora,
+        # PiSSA/OLoRA adapters are saved converted to rank 2r on the original base (see LoRALinear.state)
+        **({"r": 2 * cfg.r, "lora_alpha": cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)} if cfg.init != "kaiming" else {}),
     }
 
 

@@ -26,29 +26,26 @@ def matches(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets: str | list[str], embeddings: bool = False) -> list[str]:
+def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, ...] = ()) -> list[str]:
     """Names of the linear modules to wrap; an error that lists candidates if none match.
 
     A layer already wrapped by a method (it has a `base_layer`) counts as the linear layer it
     wraps, so a second adapter lands beside the first; nothing inside a wrapper is a target.
-    With `embeddings`, embedding layers named explicitly are targets too ('all-linear' never
-    includes them).
+    Modules of the `extra` types (embeddings, convolutions) are targets when named explicitly;
+    'all-linear' never includes them, as in PEFT.
     """
     skip = _output_layer_names(model)
     wrappers = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
     inside = lambda n: any(n.startswith(w + ".") for w in wrappers)  # noqa: E731
     linear = [n for n, m in model.named_modules()
               if (n in wrappers or isinstance(m, LINEAR_TYPES)) and n not in skip and not inside(n)]
-    if targets == "all-linear":
-        found = linear
-    else:
-        embeds = [n for n, m in model.named_modules() if embeddings and isinstance(m, nn.Embedding) and not inside(n)]
-        found = [n for n in linear + embeds if matches(n, targets)]
+    others = [n for n, m in model.named_modules() if extra and isinstance(m, extra) and not inside(n)]
+    found = linear if targets == "all-linear" else [n for n in linear + others if matches(n, targets)]
     if not found:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear + others})
         raise ValueError(
-            f"target_modules {targets!r} matches no linear layer of this model; "
-            f"its linear layers are named: {', '.join(leaves)} (or use 'all-linear')"
+            f"target_modules {targets!r} matches no layer this method can wrap; "
+            f"this model's candidates are named: {', '.join(leaves)}" + (" (or use 'all-linear')" if linear else "")
         )
     return found
 
