@@ -22,7 +22,7 @@ from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
-from unitune.methods import apply_method, io, lr_scale
+from unitune.methods import apply_method, io, lr_scale, method_footprint
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
 
@@ -74,7 +74,9 @@ def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
 
 
 def count_params(model: torch.nn.Module) -> dict:
-    total = sum(p.numel() for p in model.parameters())
+    # Quantized layers hold their weights as buffers: count the weights they stand for.
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if getattr(m, "quantized", False))
+    total = sum(p.numel() for p in model.parameters()) + quantized
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": total}
 
@@ -148,6 +150,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     print(f"unitune: {recipe.method.name}: {run.params['trainable']:,} trainable of {run.params['total']:,} parameters "
           f"({100 * run.params['trainable'] / run.params['total']:.3f}%); optimizer state "
           f"{run.params['trainable'] * 8 / 2**20:.1f} MiB", flush=True)
+    if footprint := method_footprint(recipe.method, loaded.model):
+        print(f"unitune: {footprint}", flush=True)
     print("unitune: data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()), flush=True)
     if data.stats["truncated"]:
         print(f"unitune: {data.stats['truncated']} examples were longer than data.max_length={recipe.data.max_length} "

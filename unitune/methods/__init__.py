@@ -8,10 +8,10 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from unitune.methods import bitfit, full, ia3, layernorm, lora, partial
+from unitune.methods import bitfit, full, ia3, layernorm, lora, partial, qlora
 
 METHODS: dict[str, ModuleType] = {
-    "full": full, "lora": lora, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
+    "full": full, "lora": lora, "qlora": qlora, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
 }
 
 
@@ -34,6 +34,12 @@ def lr_scale(cfg):
     """The method's per-parameter learning-rate multiplier, if it has one (LoRA+)."""
     scale = getattr(METHODS[cfg.name], "lr_scale", None)
     return functools.partial(scale, cfg) if scale else None
+
+
+def method_footprint(cfg, model) -> str | None:
+    """A line on the memory the method saves or adds beyond its trainable parameters, if it has one."""
+    footprint = getattr(METHODS[cfg.name], "footprint", None)
+    return footprint(model) if footprint else None
 
 
 def describe() -> dict[str, str]:

@@ -23,7 +23,11 @@ PEFT_PREFIX = "base_model.model."
 def peft_methods() -> dict[str, ModuleType]:
     from unitune.methods import METHODS
 
-    return {m.PEFT_TYPE: m for m in METHODS.values() if hasattr(m, "PEFT_TYPE")}
+    found: dict[str, ModuleType] = {}
+    for m in METHODS.values():  # the first module of a type loads it (lora before qlora)
+        if hasattr(m, "PEFT_TYPE"):
+            found.setdefault(m.PEFT_TYPE, m)
+    return found
 
 
 def is_adapter(cfg) -> bool:
@@ -91,6 +95,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter in the model into its base weights."""
-    for method in peft_methods().values():
+    from unitune.methods import METHODS
+
+    for method in {m for m in METHODS.values() if hasattr(m, "merge_and_unload")}:
         model = method.merge_and_unload(model)
     return model

@@ -102,8 +102,10 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         # Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
         self.fan_in_fan_out = isinstance(base, Conv1D)
-        w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:  # nn.Linear, or a quantized linear layer (whose weight is computed on demand)
+            self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
@@ -174,6 +176,9 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.active is None or self.merged:
             return
+        if getattr(self.base_layer, "quantized", False):
+            raise RuntimeError("a quantized base cannot take a merged adapter: use merge_and_unload, which "
+                               "dequantizes it first, or merge the saved adapter into the original model")
         w, a = self.base_layer.weight, self.active
         with torch.no_grad():
             if a in self.lora_magnitude_vector:
@@ -198,13 +203,12 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         a, b = self.lora_A[self.active], self.lora_B[self.active]
         dropout = self.lora_dropout[self.active]
-        w = self.base_layer.weight
         no_dropout = isinstance(dropout, nn.Identity) or not self.training
         if self.active in self.lora_magnitude_vector:
             return self._dora_forward(x, a, b, dropout, no_dropout)
-        if w.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type) and no_dropout:
-            weight = w.T if self.fan_in_fan_out else w
-            return _MergedLoRA.apply(x, weight, self.base_layer.bias, a.weight, b.weight, self.scaling[self.active])
+        if (no_dropout and not getattr(self.base_layer, "quantized", False)
+                and self.base_layer.weight.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight, self.scaling[self.active])
         out = self.base_layer(x)
         h = dropout(x).to(a.weight.dtype)
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
@@ -440,6 +444,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             model.config.tie_word_embeddings = False
             if hasattr(model.config, "get_text_config"):
                 model.config.get_text_config().tie_word_embeddings = False
+        if getattr(layer.base_layer, "quantized", False):  # QLoRA: merge into the dequantized weight
+            layer.base_layer = layer.base_layer.to_linear()
         layer.merge()
         set_module(model, name, layer.base_layer)
     return model

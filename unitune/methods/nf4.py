@@ -1,0 +1,171 @@
+"""4-bit NormalFloat weights with double quantisation (Dettmers et al., 2023), in plain PyTorch.
+
+The byte layout is bitsandbytes': the flattened weight in blocks of 64, each block scaled by its
+absolute maximum and rounded to the nearest of 16 NF4 levels, two codes per byte (first in the
+high nibble). Double quantisation stores the block maxima minus their mean as 8-bit codes of
+bitsandbytes' dynamic map, in blocks of 256 with one fp32 scale each. A weight then costs
+4 + 8/64 + 32/(64*256) ≈ 4.13 bits: 0.26x its bf16 size. The same buffers feed bitsandbytes'
+CUDA kernels where it is installed; elsewhere the weight is dequantized per use.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+
+
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): 256 sorted levels."""
+    data = []
+    for i in range(7):  # exponent 10^-6 .. 10^0, with 2^i fraction levels each, both signs
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = ((edges[:-1] + edges[1:]) / 2.0).tolist()
+        data += [10 ** (i - 6) * m for m in means] + [-(10 ** (i - 6)) * m for m in means]
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = values.numel()
+    full = n - n % blocksize
+    out = torch.empty_like(values)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out
+
+
+def _blockwise(flat: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-level codes of each block scaled by its absmax, and the absmaxes (a short last block allowed)."""
+    full = flat.numel() - flat.numel() % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(1)
+    if full < flat.numel():
+        absmax = torch.cat([absmax, flat[full:].abs().amax()[None]])
+    scaled = _scale_blocks(flat, 1.0 / absmax.clamp(min=1e-38), blocksize).clamp(-1, 1)
+    bounds = ((levels[:-1] + levels[1:]) / 2).to(flat.device)
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+
+
+@functools.cache
+def _bitsandbytes():
+    try:
+        import bitsandbytes.functional as F4
+    except ImportError:
+        return None
+    return F4
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4; computes in the dtype of its input.
+
+    Forward and backward dequantize the weight on the fly and keep nothing but the 4-bit codes
+    between them, so the saved activations are the input only, as with bitsandbytes' Linear4bit.
+    """
+
+    quantized = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.blocksize, self.double_quant = blocksize, double_quant
+        codes, absmax = _blockwise(weight.detach().float().reshape(-1), NF4_LEVELS, blocksize)
+        if codes.numel() % 2:
+            codes = F.pad(codes, (0, 1))
+        self.register_buffer("packed", (codes[::2] << 4) | codes[1::2])
+        if double_quant:  # absmax - mean in 8 bits, blocks of 256 (bitsandbytes' compress_statistics)
+            offset = absmax.mean()
+            qabsmax, absmax2 = _blockwise(absmax - offset, dynamic_map(), 256)
+            self.register_buffer("absmax", qabsmax)
+            self.register_buffer("absmax2", absmax2)
+            self.register_buffer("offset", offset.reshape(()))
+        else:
+            self.register_buffer("absmax", absmax)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def block_absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        code = dynamic_map().to(self.absmax.device)
+        return _scale_blocks(code[self.absmax.long()], self.absmax2, 256) + self.offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.packed.is_cuda and _bitsandbytes() is not None:
+            return self.dequantize_bnb(dtype)
+        return self.dequantize_torch(dtype)
+
+    def dequantize_bnb(self, dtype: torch.dtype) -> torch.Tensor:
+        """bitsandbytes' CUDA kernel on our buffers (the same layout)."""
+        F4 = _bitsandbytes()
+        code = NF4_LEVELS.to(self.packed.device)
+        nested = F4.QuantState(absmax=self.absmax2, code=dynamic_map().to(code.device), blocksize=256,
+                               dtype=torch.float32) if self.double_quant else None
+        state = F4.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), code=code,
+                              blocksize=self.blocksize, quant_type="nf4", dtype=dtype,
+                              offset=self.offset if self.double_quant else None, state2=nested)
+        return F4.dequantize_4bit(self.packed[:, None], state).to(dtype)
+
+    def dequantize_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = self.out_features * self.in_features
+        codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[:n]
+        values = NF4_LEVELS.to(self.packed.device)[codes.long()]
+        return _scale_blocks(values, self.block_absmax(), self.blocksize).view(self.out_features, self.in_features).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new tensor: writing to it changes nothing)."""
+        return self.dequantize()
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Matmul.apply(x, self, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device)
+        with torch.no_grad():
+            out.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.blocksize}, double_quant={self.double_quant}"
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T + b with W dequantized in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
+
+
+def quantize_model(model: nn.Module, skip: set[str], blocksize: int = 64, double_quant: bool = True) -> int:
+    """Replace every nn.Linear / GPT-2 Conv1D outside `skip` with an NF4Linear; returns how many."""
+    from transformers.pytorch_utils import Conv1D
+
+    from unitune.methods.targets import set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in skip]
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
+        set_module(model, name, NF4Linear(weight, layer.bias, blocksize, double_quant))
+    return len(names)
