@@ -8,10 +8,10 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from unitune.methods import bitfit, full, ia3, layernorm, lora, partial, qlora
+from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, qlora
 
 METHODS: dict[str, ModuleType] = {
-    "full": full, "lora": lora, "qlora": qlora, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
+    "full": full, "lora": lora, "qlora": qlora, "adapter": adapter, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
 }
 
 
