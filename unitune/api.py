@@ -86,7 +86,7 @@ def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBund
     loaded = load_model(recipe.model, device)
     data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
     seed_everything(recipe.train.seed)
-    loaded.model = apply_method(loaded.model, recipe.method)
+    loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     return loaded, data
 
 

@@ -177,9 +177,12 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     data = apply_overrides(data, list(overrides or []))
     method = data.pop("method", None)
     recipe = validate_section(Recipe, data, "")
-    from unitune.methods import method_config
+    from unitune.methods import method_config, packs
 
     recipe.method = method_config(method or {"name": "lora"})
+    if recipe.data.packing and not packs(recipe.method):
+        raise RecipeError(f"method '{recipe.method.name}' puts virtual tokens before each sequence, which packed rows "
+                          "cannot hold (only a row's first sequence would see them): set data.packing=false")
     if recipe.output.name is None and name:
         recipe.output.name = name
     return recipe

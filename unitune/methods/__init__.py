@@ -6,12 +6,14 @@ Adding a method is one new module and one line in METHODS.
 from __future__ import annotations
 
 import functools
+import inspect
 from types import ModuleType
 
-from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, qlora
+from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, prefix, prompt, ptuning, qlora
 
 METHODS: dict[str, ModuleType] = {
-    "full": full, "lora": lora, "qlora": qlora, "adapter": adapter, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
+    "full": full, "lora": lora, "qlora": qlora, "adapter": adapter, "prefix": prefix, "prompt": prompt,
+    "ptuning": ptuning, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
 }
 
 
@@ -26,14 +28,22 @@ def method_config(data: dict):
     return validate_section(METHODS[name].Config, {**data, "name": name}, "method")
 
 
-def apply_method(model, cfg):
-    return METHODS[cfg.name].apply(model, cfg)
+def apply_method(model, cfg, tokenizer=None):
+    """Apply the recipe's method; methods that read text (prompt tuning's init_text) get the tokenizer."""
+    apply = METHODS[cfg.name].apply
+    wants_tokenizer = "tokenizer" in inspect.signature(apply).parameters
+    return apply(model, cfg, tokenizer=tokenizer) if wants_tokenizer else apply(model, cfg)
 
 
 def lr_scale(cfg):
     """The method's per-parameter learning-rate multiplier, if it has one (LoRA+)."""
     scale = getattr(METHODS[cfg.name], "lr_scale", None)
     return functools.partial(scale, cfg) if scale else None
+
+
+def packs(cfg) -> bool:
+    """False for methods that cannot train on packed rows (virtual tokens)."""
+    return getattr(METHODS[cfg.name], "PACKING", True)
 
 
 def method_footprint(cfg, model) -> str | None:

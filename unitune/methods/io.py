@@ -41,14 +41,15 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
 
     method = METHODS[cfg.name]
     out.mkdir(parents=True, exist_ok=True)
-    state = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in method.adapter_state(model).items()}
+    prefix = getattr(method, "KEY_PREFIX", PEFT_PREFIX)  # prompt-learning tables are saved without one
+    state = {prefix + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in method.adapter_state(model).items()}
     save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {"peft_type": method.PEFT_TYPE, "task_type": task_type(model), "base_model_name_or_path": base_name,
               "inference_mode": True, "modules_to_save": None, **method.peft_config(cfg, model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
