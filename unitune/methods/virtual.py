@@ -86,8 +86,9 @@ def attach(model: nn.Module, encoder: nn.Module, kind: str) -> nn.Module:
             cache = kwargs.get("past_key_values")
             if cache is None:
                 cache = DynamicCache(config=config)
+            dtype = module.get_input_embeddings().weight.dtype  # a bf16 model gets a bf16 prefix
             for layer, (k, v) in enumerate(encoder(batch)):
-                cache.update(k, v, layer)
+                cache.update(k.to(dtype), v.to(dtype), layer)
             kwargs["past_key_values"] = cache
         return args, kwargs
 
