@@ -84,7 +84,7 @@ def main() -> None:
         print("RESULT " + json.dumps({"exact_match": b.get("exact_match"), "val_loss": b["val_loss"]}))
         return
     names = [n for n in ORDER if (ROOT / "recipes" / "compare" / f"{n}.yaml").is_file()]
-    names = [n for n in names if not args.only or n in args.only]
+    names = [n for n in args.only if n in names] if args.only else names  # --only: in the order given
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     saved = json.loads((out / "methods.json").read_text()) if args.only and (out / "methods.json").is_file() else {}
