@@ -170,7 +170,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size)
     loss_fn = partial(OBJECTIVES[recipe.objective.name].loss, chunk=recipe.objective.loss_chunk)
     history = train_loop(loaded.model, loss_fn, batches, recipe.train, run_dir, evaluate, device, amp,
-                         resume=resume, eval_at_start=recipe.eval.before, lr_scale=lr_scale(recipe.method))
+                         resume=resume, eval_at_start=recipe.eval.before,
+                         lr_scale=lr_scale(recipe.method, recipe.train.lr))
     run.history = history.records
     evals = [r for r in history.records if r.get("split") == "val"]
     run.before = next((r for r in evals if r["step"] == 0), {})

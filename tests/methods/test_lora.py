@@ -104,10 +104,11 @@ def test_loraplus_groups_match_peft(tiny_llama):
     from unitune.engine.loop import make_optimizer
     from unitune.methods import lr_scale
 
-    cfg = Config(r=4, target_modules="all-linear", loraplus_lr_ratio=16)
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+    cfg = Config(r=4, target_modules=targets, loraplus_lr_ratio=16)
     ours_model = lora.apply(_load(tiny_llama), cfg)
-    ours = make_optimizer(ours_model, TrainConfig(lr=1e-4), lr_scale(cfg))
-    peft_model = get_peft_model(_load(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    ours = make_optimizer(ours_model, TrainConfig(lr=1e-4), lr_scale(cfg, 1e-4))
+    peft_model = get_peft_model(_load(tiny_llama), LoraConfig(r=4, target_modules=targets))
     theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16)
 
     def lrs(opt, model):
@@ -115,8 +116,9 @@ def test_loraplus_groups_match_peft(tiny_llama):
         return {by_id[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
 
     ours_lrs, their_lrs = lrs(ours, ours_model), lrs(theirs, peft_model)
-    assert ours_lrs == their_lrs
+    assert ours_lrs == pytest.approx(their_lrs, rel=1e-12)
     assert {v for k, v in ours_lrs.items() if "lora_B" in k} == {1.6e-3}
+    assert [v for k, v in ours_lrs.items() if "lora_embedding" in k] == pytest.approx([1e-6] * 2)
 
 
 @pytest.mark.parametrize("fixture,targets", [("tiny_llama", "all-linear"), ("tiny_gpt2", ["c_attn", "c_fc"])])

@@ -2,10 +2,11 @@
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from unitune.methods import io, lora, qlora
-from unitune.methods.nf4 import NF4Linear, quantize_model
+from unitune.methods.nf4 import NF4Embedding, NF4Linear, quantize_embeddings, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 X = torch.randint(3, 300, (2, 17))
@@ -36,12 +37,59 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def test_footprint_is_a_quarter_of_bf16(tiny_llama):
+def _frozen_bytes(model) -> tuple[int, int]:
+    nbytes, weights = qlora.quantized_bytes(model)
+    rest = [p for p in model.parameters() if not p.requires_grad]
+    return nbytes + sum(p.numel() * p.element_size() for p in rest), weights + sum(p.numel() for p in rest)
+
+
+def test_whole_frozen_base_is_under_035x_bf16(tiny_llama):
     model = qlora.apply(_load(tiny_llama), qlora.Config(r=4, target_modules="all-linear"))
-    nbytes, params = qlora.quantized_bytes(model)
-    assert params > 0 and nbytes <= 0.35 * 2 * params
-    assert not any(isinstance(m, torch.nn.Linear) and "lora_" not in n and "lm_head" not in n
+    nbytes, weights = _frozen_bytes(model)
+    assert weights == sum(p.numel() for p in _load(tiny_llama).parameters())  # every base weight counted once
+    assert nbytes <= 0.35 * 2 * weights
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and ".lora_" not in n
                    for n, m in model.named_modules())
+    assert isinstance(model.get_input_embeddings(), NF4Embedding)
+    assert model.get_output_embeddings() is model.get_input_embeddings()  # tied: one 4-bit table
+    kept = qlora.apply(_load(tiny_llama), qlora.Config(r=4, target_modules="all-linear", quantize_embeddings=False))
+    assert type(kept.get_input_embeddings()) is torch.nn.Embedding and type(kept.lm_head) is torch.nn.Linear
+    assert _frozen_bytes(kept)[0] > nbytes
+
+
+@pytest.mark.parametrize("dim", [128, 48])  # rows made of whole blocks (row-wise lookup) or not
+def test_nf4_embedding_rows_and_head_match_the_dequantized_table(dim):
+    base = torch.nn.Embedding(300, dim)
+    table = NF4Embedding(base)
+    ids, h = torch.randint(0, 300, (3, 7)), torch.randn(3, 7, dim)
+    w = table.dequantize()
+    assert (w - base.weight).abs().max() < 0.25 * base.weight.abs().max()
+    torch.testing.assert_close(table(ids), torch.nn.functional.embedding(ids, w), atol=0, rtol=0)
+    torch.testing.assert_close(table(h), h @ w.T)
+    torch.testing.assert_close(table.to_embedding()(ids), table(ids), atol=0, rtol=0)
+
+
+def test_scaled_embeddings_keep_their_scale():
+    gemma = Gemma3TextScaledWordEmbedding(300, 64, 0, embed_scale=64**0.5)
+    table = NF4Embedding(gemma)
+    with torch.no_grad():
+        gemma.weight.copy_(table.dequantize())
+    ids = torch.randint(0, 300, (2, 5))
+    torch.testing.assert_close(table(ids), gemma(ids))
+    torch.testing.assert_close(table.to_embedding()(ids), gemma(ids))
+
+
+def test_untied_head_is_its_own_nf4_layer_and_dequantizes_back():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
+    assert quantize_embeddings(model) == ["model.embed_tokens", "lm_head"]
+    assert type(model.lm_head) is NF4Linear and isinstance(model.model.embed_tokens, NF4Embedding)
+    with torch.no_grad():
+        logits = model(X).logits
+        plain = qlora.dequantize_model(model)
+        assert type(plain.lm_head) is torch.nn.Linear and plain.lm_head.weight is not plain.model.embed_tokens.weight
+        torch.testing.assert_close(plain(X).logits, logits, atol=1e-5, rtol=1e-4)
 
 
 def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama, tmp_path):
@@ -64,8 +112,9 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
     io.save_adapter(ours, tmp_path / "a", cfg, str(tiny_llama))
-    rounded = _load(tiny_llama)  # the base with its linear weights through NF4 and back
+    rounded = _load(tiny_llama)  # the base with its weights through NF4 and back
     quantize_model(rounded, {"lm_head"})
+    quantize_embeddings(rounded)
     peft_model = PeftModel.from_pretrained(qlora.dequantize_model(rounded), tmp_path / "a")
     with torch.no_grad():
         tuned = ours(X).logits
@@ -74,6 +123,7 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
             lora.lora_layers(ours)[0][1].merge()
         merged = io.merge_and_unload(ours)
         assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+        assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tied again
         torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-4)
 
 
@@ -85,3 +135,5 @@ def test_cuda_dequantize_uses_bitsandbytes_with_the_same_result():
     x = torch.randn(3, 192, device="cuda", requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize_torch().sum(0).expand(3, -1), atol=1e-4, rtol=1e-4)
+    table, ids = NF4Embedding(torch.nn.Embedding(500, 128, device="cuda")), torch.randint(0, 500, (4, 9), device="cuda")
+    torch.testing.assert_close(table(ids), table.cpu()(ids.cpu()).cuda(), atol=1e-6, rtol=1e-5)

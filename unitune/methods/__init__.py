@@ -35,10 +35,10 @@ def apply_method(model, cfg, tokenizer=None):
     return apply(model, cfg, tokenizer=tokenizer) if wants_tokenizer else apply(model, cfg)
 
 
-def lr_scale(cfg):
-    """The method's per-parameter learning-rate multiplier, if it has one (LoRA+)."""
+def lr_scale(cfg, lr: float):
+    """The method's per-parameter learning-rate multiplier given the recipe's lr, if it has one (LoRA+)."""
     scale = getattr(METHODS[cfg.name], "lr_scale", None)
-    return functools.partial(scale, cfg) if scale else None
+    return functools.partial(scale, cfg, lr=lr) if scale else None
 
 
 def packs(cfg) -> bool:

@@ -34,18 +34,21 @@ class Config(Section):
     target_modules: str | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B (and 1-D params) learn this much faster
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapters on embedding layers (PEFT's)
     dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
     # kaiming: A random, B zero. pissa / olora: principal directions of W (the saved adapter is
     # converted to a plain rank-2r LoRA of the original base, as PEFT's weight conversion does).
     init: Literal["kaiming", "pissa", "olora"] = "kaiming"
 
 
-def lr_scale(cfg: Config, name: str, param: torch.Tensor) -> float:
-    """LoRA+ (Hayou et al., 2024): B gets a larger learning rate than A; grouping as in PEFT's
-    create_loraplus_optimizer."""
-    if cfg.loraplus_lr_ratio and ("lora_B" in name or param.ndim == 1):
-        return cfg.loraplus_lr_ratio
-    return 1.0
+def lr_scale(cfg: Config, name: str, param: torch.Tensor, lr: float) -> float:
+    """LoRA+ (Hayou et al., 2024): B gets a larger learning rate than A, and adapters on embedding
+    layers a fixed small one; grouping as in PEFT's create_loraplus_optimizer."""
+    if not cfg.loraplus_lr_ratio:
+        return 1.0
+    if "lora_embedding_" in name:
+        return cfg.loraplus_lr_embedding / lr
+    return cfg.loraplus_lr_ratio if "lora_B" in name or param.ndim == 1 else 1.0
 
 
 class _MergedLoRA(torch.autograd.Function):

@@ -36,14 +36,21 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Multiply each block of the flat `values` by its scale, in place (a weight-sized copy saved)."""
     n = values.numel()
     full = n - n % blocksize
-    out = torch.empty_like(values)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
-    return out
+        values[full:] *= absmax[-1]
+    return values
+
+
+@functools.cache
+def _byte_levels(device: torch.device) -> torch.Tensor:
+    """(256, 2): the two NF4 levels each packed byte holds, so dequantizing is one gather per byte."""
+    byte = torch.arange(256)
+    return torch.stack([NF4_LEVELS[byte >> 4], NF4_LEVELS[byte & 0xF]], dim=1).to(device)
 
 
 def _blockwise(flat: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +59,7 @@ def _blockwise(flat: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tupl
     absmax = flat[:full].view(-1, blocksize).abs().amax(1)
     if full < flat.numel():
         absmax = torch.cat([absmax, flat[full:].abs().amax()[None]])
-    scaled = _scale_blocks(flat, 1.0 / absmax.clamp(min=1e-38), blocksize).clamp(-1, 1)
+    scaled = _scale_blocks_(flat.clone(), 1.0 / absmax.clamp(min=1e-38), blocksize).clamp(-1, 1)
     bounds = ((levels[:-1] + levels[1:]) / 2).to(flat.device)
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 
@@ -97,7 +104,7 @@ class NF4Linear(nn.Module):
         if not self.double_quant:
             return self.absmax
         code = dynamic_map().to(self.absmax.device)
-        return _scale_blocks(code[self.absmax.long()], self.absmax2, 256) + self.offset
+        return _scale_blocks_(code[self.absmax.long()], self.absmax2, 256) + self.offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.packed.is_cuda and _bitsandbytes() is not None:
@@ -117,9 +124,8 @@ class NF4Linear(nn.Module):
 
     def dequantize_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = self.out_features * self.in_features
-        codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[:n]
-        values = NF4_LEVELS.to(self.packed.device)[codes.long()]
-        return _scale_blocks(values, self.block_absmax(), self.blocksize).view(self.out_features, self.in_features).to(dtype)
+        values = _byte_levels(self.packed.device).index_select(0, self.packed.int()).view(-1)[:n]
+        return _scale_blocks_(values, self.block_absmax(), self.blocksize).view(self.out_features, self.in_features).to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -155,6 +161,81 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad @ ctx.layer.dequantize(grad.dtype), None, None
+
+
+class NF4Embedding(NF4Linear):
+    """A frozen embedding table in NF4. Given token ids it returns their rows (dequantizing only
+    those); given hidden states it is the tied output head (logits against every row)."""
+
+    def __init__(self, base: nn.Embedding, blocksize: int = 64, double_quant: bool = True):
+        super().__init__(base.weight, None, blocksize, double_quant)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = *base.weight.shape, base.padding_idx
+        self.compute_dtype = base.weight.dtype
+        scale = getattr(base, "embed_scale", None)  # Gemma scales embeddings on lookup
+        self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return super().forward(x)
+        rows = self.lookup(x).to(self.compute_dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        n, dim, bs = self.num_embeddings, self.embedding_dim, self.blocksize
+        if dim % bs or bs % 2 or self.packed.is_cuda:  # blocks straddle rows, or bnb's kernel is at hand
+            return F.embedding(ids, self.dequantize())
+        packed = self.packed.view(n, dim // 2)[ids]
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=-1)
+        values = NF4_LEVELS.to(ids.device)[codes.long()].view(*ids.shape, dim // bs, bs)
+        scale = self.block_absmax().view(n, dim // bs)[ids]
+        return (values * scale[..., None]).view(*ids.shape, dim)
+
+    def to_embedding(self) -> nn.Embedding:
+        out = (nn.Embedding if self.embed_scale is None else ScaledEmbedding)(
+            self.num_embeddings, self.embedding_dim, self.padding_idx, device=self.packed.device, dtype=self.compute_dtype)
+        if self.embed_scale is not None:
+            out.register_buffer("embed_scale", self.embed_scale.clone(), persistent=False)
+        with torch.no_grad():
+            out.weight.copy_(self.dequantize())
+        return out.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("in_features", "embedding_dim").replace("out_features", "num_embeddings")
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose lookups are multiplied by a constant, as Gemma's: what a scaled table dequantizes to."""
+
+    embed_scale: torch.Tensor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+def quantize_embeddings(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> list[str]:
+    """Store the input embedding table in NF4, and the output head with it: one table if the two
+    are tied, else the head as an NF4Linear. Returns the names replaced ([] for models without
+    transformers' embedding accessors, or an embedding subclass whose lookup we do not know)."""
+    from unitune.methods.targets import set_module
+
+    if not hasattr(model, "get_input_embeddings"):
+        return []
+    emb = model.get_input_embeddings()
+    emb = getattr(emb, "base_layer", emb)  # a LoRA-wrapped embedding: quantize what it wraps
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(emb, nn.Embedding) or (type(emb) is not nn.Embedding and not hasattr(emb, "embed_scale")):
+        return []
+    where = lambda mod: [n for n, m in model.named_modules(remove_duplicate=False) if m is mod]  # noqa: E731
+    emb_names, head_names = where(emb), where(head) if isinstance(head, nn.Linear) else []
+    table = NF4Embedding(emb, blocksize, double_quant)
+    tied = head_names and head.weight is emb.weight
+    quantized_head = table if tied else head_names and NF4Linear(head.weight, head.bias, blocksize, double_quant)
+    for name in emb_names:
+        set_module(model, name, table)
+    for name in head_names:
+        set_module(model, name, quantized_head)
+    return emb_names + head_names
 
 
 def quantize_model(model: nn.Module, skip: set[str], blocksize: int = 64, double_quant: bool = True) -> int:

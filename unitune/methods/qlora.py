@@ -1,7 +1,9 @@
 """QLoRA: LoRA trained in full precision on a base frozen in 4-bit NF4 with double quantisation.
 
-Every linear layer but the output head is stored as NF4 (unitune.methods.nf4, bitsandbytes'
-layout), so the frozen linear weights take 0.26x their bf16 size. The adapter is created before
+Every linear layer is stored as NF4 (unitune.methods.nf4, bitsandbytes' layout), and by default
+the embedding table and output head too, so the whole frozen base takes about 0.27x its bf16
+size. (bitsandbytes keeps embeddings and head at compute precision: `quantize_embeddings: false`;
+on a small-vocabulary-heavy model such as SmolLM2-135M they are a fifth of the weights.) The adapter is created before
 the base is quantized, so PiSSA/OLoRA init splits the full-precision weight and quantizes the
 residual (QPiSSA). The saved adapter is a plain PEFT LoRA adapter: merge it into the original
 full-precision model, not into the quantized one.
@@ -14,31 +16,30 @@ from pydantic import Field
 from torch import nn
 
 from unitune.methods import lora
-from unitune.methods.nf4 import NF4Linear, quantize_model
-from unitune.methods.targets import _output_layer_names, set_module
+from unitune.methods.nf4 import NF4Embedding, NF4Linear, quantize_embeddings, quantize_model
+from unitune.methods.targets import output_layer_names, set_module
 
 PEFT_TYPE = lora.PEFT_TYPE
-adapter_state, config_from_peft = lora.adapter_state, lora.config_from_peft
+adapter_state, config_from_peft, lr_scale = lora.adapter_state, lora.config_from_peft, lora.lr_scale
 
 
 class Config(lora.Config):
     name: Literal["qlora"] = "qlora"
     blocksize: int = Field(64, gt=0)  # weights per absmax scale
     double_quant: bool = True  # store the scales themselves in 8 bits
-
-
-def lr_scale(cfg: Config, name, param) -> float:
-    return lora.lr_scale(cfg, name, param)
+    quantize_embeddings: bool = True  # the embedding table and output head too (false: as bitsandbytes)
 
 
 def lora_config(cfg: Config) -> lora.Config:
-    return lora.Config(**cfg.model_dump(exclude={"name", "blocksize", "double_quant"}))
+    return lora.Config(**cfg.model_dump(exclude={"name", "blocksize", "double_quant", "quantize_embeddings"}))
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     model = lora.apply(model, lora_config(cfg), adapter)
-    skip = _output_layer_names(model) | {n for n, _ in model.named_modules() if ".lora_" in n}
+    skip = output_layer_names(model) | {n for n, _ in model.named_modules() if ".lora_" in n}
     quantize_model(model, skip, cfg.blocksize, cfg.double_quant)
+    if cfg.quantize_embeddings:
+        quantize_embeddings(model, cfg.blocksize, cfg.double_quant)
     return model
 
 
@@ -47,9 +48,18 @@ def peft_config(cfg: Config, model: nn.Module) -> dict:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    for name, m in list(model.named_modules()):
+    """Full-precision layers back in place of the NF4 ones (a tied embedding and head tied again)."""
+    plain: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, NF4Linear):
-            set_module(model, name, m.to_linear())
+            if id(m) not in plain:
+                plain[id(m)] = m.to_embedding() if isinstance(m, NF4Embedding) else m.to_linear()
+            set_module(model, name, plain[id(m)])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Embedding):  # it was the tied table: a Linear over the same weight
+        linear = nn.Linear(head.embedding_dim, head.num_embeddings, bias=False, device=head.weight.device)
+        linear.weight = head.weight
+        model.set_output_embeddings(linear)
     return model
 
 
@@ -59,13 +69,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the NF4 layers take, parameters they hold): the base's 4-bit footprint."""
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    """(bytes the NF4 layers take, weights they hold): the base's 4-bit footprint."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]  # a tied table counts once
     return sum(m.storage_bytes() for m in layers), sum(m.in_features * m.out_features for m in layers)
 
 
 def footprint(model: nn.Module) -> str:
-    nbytes, params = quantized_bytes(model)
-    rest = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return (f"base linear layers in NF4: {params:,} weights in {nbytes / 2**20:.1f} MiB ({nbytes / (2 * params):.2f}x "
-            f"their bf16 size); other frozen weights (embeddings, norms) {rest / 2**20:.1f} MiB")
+    nbytes, weights = quantized_bytes(model)
+    rest = [p for p in model.parameters() if not p.requires_grad]
+    rest_bytes, total = sum(p.numel() * p.element_size() for p in rest), weights + sum(p.numel() for p in rest)
+    return (f"frozen base: {weights:,} weights in NF4 take {nbytes / 2**20:.1f} MiB; {total - weights:,} others "
+            f"(norms, biases{'' if any(isinstance(m, NF4Embedding) for m in model.modules()) else ', embeddings'}) "
+            f"{rest_bytes / 2**20:.1f} MiB; the whole frozen base is {(nbytes + rest_bytes) / (2 * total):.2f}x its bf16 size")

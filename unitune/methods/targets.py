@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-def _output_layer_names(model: nn.Module) -> set[str]:
+def output_layer_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name for name, m in model.named_modules() if head is not None and m is head}
 
@@ -34,7 +34,7 @@ def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, 
     Modules of the `extra` types (embeddings, convolutions) are targets when named explicitly;
     'all-linear' never includes them, as in PEFT.
     """
-    skip = _output_layer_names(model)
+    skip = output_layer_names(model)
     wrappers = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
     inside = lambda n: any(n.startswith(w + ".") for w in wrappers)  # noqa: E731
     linear = [n for n, m in model.named_modules()
