@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from unitune.methods import io, lora, qlora
-from unitune.methods.nf4 import NF4Embedding, NF4Linear, quantize_embeddings, quantize_model
+from unitune.methods.quant import QuantEmbedding, QuantLinear, quantize_embeddings, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 X = torch.randint(3, 300, (2, 17))
@@ -15,7 +15,7 @@ X = torch.randint(3, 300, (2, 17))
 @pytest.mark.parametrize("shape,double_quant", [((96, 64), True), ((50, 37), True), ((128, 256), False)])
 def test_nf4_bytes_match_bitsandbytes(shape, double_quant):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02
-    ours = NF4Linear(w, None, blocksize=64, double_quant=double_quant)
+    ours = QuantLinear(w, None, blocksize=64, double_quant=double_quant)
     packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     assert torch.equal(ours.packed, packed.reshape(-1))
     if double_quant:
@@ -37,33 +37,48 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def _frozen_bytes(model) -> tuple[int, int]:
-    nbytes, weights = qlora.quantized_bytes(model)
-    rest = [p for p in model.parameters() if not p.requires_grad]
-    return nbytes + sum(p.numel() * p.element_size() for p in rest), weights + sum(p.numel() for p in rest)
+def test_8bit_bytes_match_bitsandbytes_blockwise():
+    w = torch.randn(96, 80, generator=torch.Generator().manual_seed(3)) * 0.02
+    ours = QuantLinear(w, None, blocksize=64, double_quant=False, bits=8)
+    codes, state = bnb.quantize_blockwise(w, blocksize=64)
+    torch.testing.assert_close(ours.absmax, state.absmax)
+    steps = (ours.packed.int() - codes.reshape(-1).int()).abs()  # the same CPU-kernel boundary rounding as above
+    assert steps.max() <= 1 and steps.float().mean() < 0.02
+    same = steps == 0
+    theirs = bnb.dequantize_blockwise(codes, state).reshape(-1)
+    torch.testing.assert_close(ours.dequantize().reshape(-1)[same], theirs[same])
+    assert (ours.dequantize() - w).abs().max() < 0.02 * w.abs().max()  # 8 bits: close
 
 
 def test_whole_frozen_base_is_under_035x_bf16(tiny_llama):
-    model = qlora.apply(_load(tiny_llama), qlora.Config(r=4, target_modules="all-linear"))
-    nbytes, weights = _frozen_bytes(model)
+    def frozen(embeddings):
+        model = qlora.apply(_load(tiny_llama), qlora.Config(r=4, target_modules="all-linear", embeddings=embeddings))
+        nbytes, weights = qlora.quantized_bytes(model)
+        rest = [p for p in model.parameters() if not p.requires_grad]
+        return model, nbytes + sum(p.numel() * p.element_size() for p in rest), weights + sum(p.numel() for p in rest)
+
+    model, nf4_bytes, weights = frozen("nf4")
     assert weights == sum(p.numel() for p in _load(tiny_llama).parameters())  # every base weight counted once
-    assert nbytes <= 0.35 * 2 * weights
+    assert nf4_bytes <= 0.35 * 2 * weights
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and ".lora_" not in n
                    for n, m in model.named_modules())
-    assert isinstance(model.get_input_embeddings(), NF4Embedding)
-    assert model.get_output_embeddings() is model.get_input_embeddings()  # tied: one 4-bit table
-    kept = qlora.apply(_load(tiny_llama), qlora.Config(r=4, target_modules="all-linear", quantize_embeddings=False))
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding)
+    assert model.get_output_embeddings() is model.get_input_embeddings()  # tied: one quantized table
+    model, int8_bytes, _ = frozen("int8")
+    assert model.get_input_embeddings().bits == 8 and nf4_bytes < int8_bytes <= 0.4 * 2 * weights
+    kept, kept_bytes, _ = frozen("keep")
     assert type(kept.get_input_embeddings()) is torch.nn.Embedding and type(kept.lm_head) is torch.nn.Linear
-    assert _frozen_bytes(kept)[0] > nbytes
+    assert kept_bytes > int8_bytes
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dim", [128, 48])  # rows made of whole blocks (row-wise lookup) or not
-def test_nf4_embedding_rows_and_head_match_the_dequantized_table(dim):
+def test_embedding_rows_and_head_match_the_dequantized_table(dim, bits):
     base = torch.nn.Embedding(300, dim)
-    table = NF4Embedding(base)
+    table = QuantEmbedding(base, bits=bits)
     ids, h = torch.randint(0, 300, (3, 7)), torch.randn(3, 7, dim)
     w = table.dequantize()
-    assert (w - base.weight).abs().max() < 0.25 * base.weight.abs().max()
+    assert (w - base.weight).abs().max() < (0.25 if bits == 4 else 0.02) * base.weight.abs().max()
     torch.testing.assert_close(table(ids), torch.nn.functional.embedding(ids, w), atol=0, rtol=0)
     torch.testing.assert_close(table(h), h @ w.T)
     torch.testing.assert_close(table.to_embedding()(ids), table(ids), atol=0, rtol=0)
@@ -71,7 +86,7 @@ def test_nf4_embedding_rows_and_head_match_the_dequantized_table(dim):
 
 def test_scaled_embeddings_keep_their_scale():
     gemma = Gemma3TextScaledWordEmbedding(300, 64, 0, embed_scale=64**0.5)
-    table = NF4Embedding(gemma)
+    table = QuantEmbedding(gemma)
     with torch.no_grad():
         gemma.weight.copy_(table.dequantize())
     ids = torch.randint(0, 300, (2, 5))
@@ -84,7 +99,7 @@ def test_untied_head_is_its_own_nf4_layer_and_dequantizes_back():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
     assert quantize_embeddings(model) == ["model.embed_tokens", "lm_head"]
-    assert type(model.lm_head) is NF4Linear and isinstance(model.model.embed_tokens, NF4Embedding)
+    assert type(model.lm_head) is QuantLinear and isinstance(model.model.embed_tokens, QuantEmbedding)
     with torch.no_grad():
         logits = model(X).logits
         plain = qlora.dequantize_model(model)
@@ -114,7 +129,7 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
     io.save_adapter(ours, tmp_path / "a", cfg, str(tiny_llama))
     rounded = _load(tiny_llama)  # the base with its weights through NF4 and back
     quantize_model(rounded, {"lm_head"})
-    quantize_embeddings(rounded)
+    quantize_embeddings(rounded, bits=8)  # qlora's default for the embedding table
     peft_model = PeftModel.from_pretrained(qlora.dequantize_model(rounded), tmp_path / "a")
     with torch.no_grad():
         tuned = ours(X).logits
@@ -122,7 +137,7 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
         with pytest.raises(RuntimeError, match="quantized base"):
             lora.lora_layers(ours)[0][1].merge()
         merged = io.merge_and_unload(ours)
-        assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+        assert not any(isinstance(m, QuantLinear) for m in merged.modules())
         assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tied again
         torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-4)
 
@@ -130,10 +145,10 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dequantize_uses_bitsandbytes_with_the_same_result():
     w = torch.randn(256, 192, device="cuda") * 0.02
-    layer = NF4Linear(w, None)
+    layer = QuantLinear(w, None)
     torch.testing.assert_close(layer.dequantize(), layer.dequantize_torch(), atol=1e-6, rtol=1e-5)
     x = torch.randn(3, 192, device="cuda", requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize_torch().sum(0).expand(3, -1), atol=1e-4, rtol=1e-4)
-    table, ids = NF4Embedding(torch.nn.Embedding(500, 128, device="cuda")), torch.randint(0, 500, (4, 9), device="cuda")
+    table, ids = QuantEmbedding(torch.nn.Embedding(500, 128, device="cuda")), torch.randint(0, 500, (4, 9), device="cuda")
     torch.testing.assert_close(table(ids), table.cpu()(ids.cpu()).cuda(), atol=1e-6, rtol=1e-5)

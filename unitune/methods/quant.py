@@ -1,11 +1,13 @@
-"""4-bit NormalFloat weights with double quantisation (Dettmers et al., 2023), in plain PyTorch.
+"""Frozen weights in 4-bit NormalFloat (Dettmers et al., 2023) or 8-bit blockwise, in plain PyTorch.
 
 The byte layout is bitsandbytes': the flattened weight in blocks of 64, each block scaled by its
 absolute maximum and rounded to the nearest of 16 NF4 levels, two codes per byte (first in the
-high nibble). Double quantisation stores the block maxima minus their mean as 8-bit codes of
-bitsandbytes' dynamic map, in blocks of 256 with one fp32 scale each. A weight then costs
-4 + 8/64 + 32/(64*256) ≈ 4.13 bits: 0.26x its bf16 size. The same buffers feed bitsandbytes'
-CUDA kernels where it is installed; elsewhere the weight is dequantized per use.
+high nibble), or of the 256 levels of bitsandbytes' dynamic map, one per byte (its
+quantize_blockwise). Double quantisation stores the block maxima minus their mean as 8-bit
+codes, in blocks of 256 with one fp32 scale each. An NF4 weight then costs
+4 + 8/64 + 32/(64*256) ≈ 4.13 bits, 0.26x its bf16 size; an 8-bit one 8.13 bits, 0.51x. The
+same buffers feed bitsandbytes' CUDA kernel for NF4 where it is installed; elsewhere the weight
+is dequantized per use.
 """
 from __future__ import annotations
 
@@ -73,23 +75,27 @@ def _bitsandbytes():
     return F4
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4; computes in the dtype of its input.
+class QuantLinear(nn.Module):
+    """A frozen linear layer stored in NF4 (bits=4) or 8 bits; computes in the dtype of its input.
 
-    Forward and backward dequantize the weight on the fly and keep nothing but the 4-bit codes
-    between them, so the saved activations are the input only, as with bitsandbytes' Linear4bit.
+    Forward and backward dequantize the weight on the fly and keep nothing but the codes between
+    them, so the saved activations are the input only, as with bitsandbytes' Linear4bit.
     """
 
     quantized = True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True,
+                 bits: int = 4):
         super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 (NF4) or 8, not {bits}")
         self.out_features, self.in_features = weight.shape
-        self.blocksize, self.double_quant = blocksize, double_quant
-        codes, absmax = _blockwise(weight.detach().float().reshape(-1), NF4_LEVELS, blocksize)
-        if codes.numel() % 2:
-            codes = F.pad(codes, (0, 1))
-        self.register_buffer("packed", (codes[::2] << 4) | codes[1::2])
+        self.blocksize, self.double_quant, self.bits = blocksize, double_quant, bits
+        codes, absmax = _blockwise(weight.detach().float().reshape(-1), self.levels(), blocksize)
+        if bits == 4:
+            codes = F.pad(codes, (0, codes.numel() % 2))
+            codes = (codes[::2] << 4) | codes[1::2]
+        self.register_buffer("packed", codes)
         if double_quant:  # absmax - mean in 8 bits, blocks of 256 (bitsandbytes' compress_statistics)
             offset = absmax.mean()
             qabsmax, absmax2 = _blockwise(absmax - offset, dynamic_map(), 256)
@@ -106,8 +112,11 @@ class NF4Linear(nn.Module):
         code = dynamic_map().to(self.absmax.device)
         return _scale_blocks_(code[self.absmax.long()], self.absmax2, 256) + self.offset
 
+    def levels(self) -> torch.Tensor:
+        return NF4_LEVELS if self.bits == 4 else dynamic_map()
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.packed.is_cuda and _bitsandbytes() is not None:
+        if self.packed.is_cuda and self.bits == 4 and _bitsandbytes() is not None:
             return self.dequantize_bnb(dtype)
         return self.dequantize_torch(dtype)
 
@@ -124,7 +133,8 @@ class NF4Linear(nn.Module):
 
     def dequantize_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = self.out_features * self.in_features
-        values = _byte_levels(self.packed.device).index_select(0, self.packed.int()).view(-1)[:n]
+        table = _byte_levels(self.packed.device) if self.bits == 4 else dynamic_map().to(self.packed.device)
+        values = table.index_select(0, self.packed.int()).view(-1)[:n]
         return _scale_blocks_(values, self.block_absmax(), self.blocksize).view(self.out_features, self.in_features).to(dtype)
 
     @property
@@ -136,7 +146,7 @@ class NF4Linear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _NF4Matmul.apply(x, self, self.bias)
+        return _QuantMatmul.apply(x, self, self.bias)
 
     def to_linear(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device)
@@ -147,10 +157,12 @@ class NF4Linear(nn.Module):
         return out.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        kind = "nf4" if self.bits == 4 else "int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}")
 
 
-class _NF4Matmul(torch.autograd.Function):
+class _QuantMatmul(torch.autograd.Function):
     """x W^T + b with W dequantized in forward and again in backward (never saved)."""
 
     @staticmethod
@@ -163,12 +175,12 @@ class _NF4Matmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantize(grad.dtype), None, None
 
 
-class NF4Embedding(NF4Linear):
-    """A frozen embedding table in NF4. Given token ids it returns their rows (dequantizing only
-    those); given hidden states it is the tied output head (logits against every row)."""
+class QuantEmbedding(QuantLinear):
+    """A frozen embedding table in NF4 or 8 bits. Given token ids it returns their rows
+    (dequantizing only those); given hidden states it is the tied output head (logits against every row)."""
 
-    def __init__(self, base: nn.Embedding, blocksize: int = 64, double_quant: bool = True):
-        super().__init__(base.weight, None, blocksize, double_quant)
+    def __init__(self, base: nn.Embedding, blocksize: int = 64, double_quant: bool = True, bits: int = 4):
+        super().__init__(base.weight, None, blocksize, double_quant, bits)
         self.num_embeddings, self.embedding_dim, self.padding_idx = *base.weight.shape, base.padding_idx
         self.compute_dtype = base.weight.dtype
         scale = getattr(base, "embed_scale", None)  # Gemma scales embeddings on lookup
@@ -183,11 +195,11 @@ class NF4Embedding(NF4Linear):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         n, dim, bs = self.num_embeddings, self.embedding_dim, self.blocksize
-        if dim % bs or bs % 2 or self.packed.is_cuda:  # blocks straddle rows, or bnb's kernel is at hand
+        if dim % bs or dim * self.bits % 8 or self.packed.is_cuda:  # blocks straddle rows, or a GPU is at hand
             return F.embedding(ids, self.dequantize())
-        packed = self.packed.view(n, dim // 2)[ids]
-        codes = torch.stack([packed >> 4, packed & 0xF], dim=-1)
-        values = NF4_LEVELS.to(ids.device)[codes.long()].view(*ids.shape, dim // bs, bs)
+        table = _byte_levels(ids.device) if self.bits == 4 else dynamic_map().to(ids.device)
+        rows = self.packed.view(n, dim * self.bits // 8)[ids]
+        values = table.index_select(0, rows.reshape(-1).int()).view(*ids.shape, dim // bs, bs)
         scale = self.block_absmax().view(n, dim // bs)[ids]
         return (values * scale[..., None]).view(*ids.shape, dim)
 
@@ -213,9 +225,9 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
 
 
-def quantize_embeddings(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> list[str]:
-    """Store the input embedding table in NF4, and the output head with it: one table if the two
-    are tied, else the head as an NF4Linear. Returns the names replaced ([] for models without
+def quantize_embeddings(model: nn.Module, blocksize: int = 64, double_quant: bool = True, bits: int = 4) -> list[str]:
+    """Store the input embedding table in NF4 or 8 bits, and the output head with it: one table if
+    the two are tied, else the head as a QuantLinear. Returns the names replaced ([] for models without
     transformers' embedding accessors, or an embedding subclass whose lookup we do not know)."""
     from unitune.methods.targets import set_module
 
@@ -228,18 +240,19 @@ def quantize_embeddings(model: nn.Module, blocksize: int = 64, double_quant: boo
         return []
     where = lambda mod: [n for n, m in model.named_modules(remove_duplicate=False) if m is mod]  # noqa: E731
     emb_names, head_names = where(emb), where(head) if isinstance(head, nn.Linear) else []
-    table = NF4Embedding(emb, blocksize, double_quant)
-    tied = head_names and head.weight is emb.weight
-    quantized_head = table if tied else head_names and NF4Linear(head.weight, head.bias, blocksize, double_quant)
+    table = QuantEmbedding(emb, blocksize, double_quant, bits)
     for name in emb_names:
         set_module(model, name, table)
-    for name in head_names:
-        set_module(model, name, quantized_head)
+    if head_names:
+        tied = head.weight is emb.weight
+        quantized_head = table if tied else QuantLinear(head.weight, head.bias, blocksize, double_quant, bits)
+        for name in head_names:
+            set_module(model, name, quantized_head)
     return emb_names + head_names
 
 
 def quantize_model(model: nn.Module, skip: set[str], blocksize: int = 64, double_quant: bool = True) -> int:
-    """Replace every nn.Linear / GPT-2 Conv1D outside `skip` with an NF4Linear; returns how many."""
+    """Replace every nn.Linear / GPT-2 Conv1D outside `skip` with an NF4 QuantLinear; returns how many."""
     from transformers.pytorch_utils import Conv1D
 
     from unitune.methods.targets import set_module
@@ -248,5 +261,5 @@ def quantize_model(model: nn.Module, skip: set[str], blocksize: int = 64, double
     for name in names:
         layer = model.get_submodule(name)
         weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
-        set_module(model, name, NF4Linear(weight, layer.bias, blocksize, double_quant))
+        set_module(model, name, QuantLinear(weight, layer.bias, blocksize, double_quant))
     return len(names)
