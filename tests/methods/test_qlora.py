@@ -84,6 +84,16 @@ def test_embedding_rows_and_head_match_the_dequantized_table(dim, bits):
     torch.testing.assert_close(table.to_embedding()(ids), table(ids), atol=0, rtol=0)
 
 
+def test_dtype_casts_keep_the_quantized_state():
+    table, ids = QuantEmbedding(torch.nn.Embedding(300, 128)), torch.randint(0, 300, (2, 5))
+    rows, state = table(ids), {k: v.clone() for k, v in table.state_dict().items()}
+    table.to(torch.bfloat16)
+    assert all(torch.equal(v, state[k]) for k, v in table.state_dict().items())  # scales still fp32, unchanged
+    torch.testing.assert_close(table(ids), rows.to(torch.bfloat16), atol=0, rtol=0)
+    assert table(torch.randn(2, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert table.to_embedding().weight.dtype == torch.bfloat16
+
+
 def test_scaled_embeddings_keep_their_scale():
     gemma = Gemma3TextScaledWordEmbedding(300, 64, 0, embed_scale=64**0.5)
     table = QuantEmbedding(gemma)

@@ -91,6 +91,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bits must be 4 (NF4) or 8, not {bits}")
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.double_quant, self.bits = blocksize, double_quant, bits
+        self.compute_dtype = weight.dtype  # what an embedding lookup returns; a linear computes in its input's
         codes, absmax = _blockwise(weight.detach().float().reshape(-1), self.levels(), blocksize)
         if bits == 4:
             codes = F.pad(codes, (0, codes.numel() % 2))
@@ -111,6 +112,18 @@ class QuantLinear(nn.Module):
             return self.absmax
         code = dynamic_map().to(self.absmax.device)
         return _scale_blocks_(code[self.absmax.long()], self.absmax2, 256) + self.offset
+
+    def _apply(self, fn, recurse=True):
+        """model.to(device) moves the quantized state; model.to(dtype) leaves it as it is (casting
+        the fp32 scales to bf16 would change every weight) and sets the compute dtype instead."""
+        state = {k: v for k, v in self._buffers.items() if v is not None}
+        super()._apply(fn, recurse)
+        for k, before in state.items():
+            after = self._buffers[k]
+            if after.dtype != before.dtype:
+                self.compute_dtype = after.dtype
+                self._buffers[k] = before.to(after.device)
+        return self
 
     def levels(self) -> torch.Tensor:
         return NF4_LEVELS if self.bits == 4 else dynamic_map()
@@ -149,7 +162,8 @@ class QuantLinear(nn.Module):
         return _QuantMatmul.apply(x, self, self.bias)
 
     def to_linear(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device,
+                        dtype=self.compute_dtype)
         with torch.no_grad():
             out.weight.copy_(self.dequantize())
             if self.bias is not None:
@@ -182,7 +196,6 @@ class QuantEmbedding(QuantLinear):
     def __init__(self, base: nn.Embedding, blocksize: int = 64, double_quant: bool = True, bits: int = 4):
         super().__init__(base.weight, None, blocksize, double_quant, bits)
         self.num_embeddings, self.embedding_dim, self.padding_idx = *base.weight.shape, base.padding_idx
-        self.compute_dtype = base.weight.dtype
         scale = getattr(base, "embed_scale", None)  # Gemma scales embeddings on lookup
         self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(),
                              persistent=False)
