@@ -70,8 +70,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     if not groups:
         raise ValueError("the method left no parameter to train")
     fused = all(p.is_cuda for ps in groups.values() for p in ps)
-    return torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()],
-                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    param_groups = [{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def train_loop(

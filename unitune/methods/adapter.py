@@ -97,8 +97,7 @@ def _find(model: nn.Module, pattern: str | list[str], what: str) -> list[str]:
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     if cfg.variant == "parallel":
         where = {n: True for n in _find(model, cfg.mlp_modules or MLP, "feed-forward block (mlp/ffn) "
                                         "for a parallel adapter; BERT-style layers split theirs in two, use houlsby or pfeiffer")}

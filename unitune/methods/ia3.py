@@ -43,8 +43,7 @@ class IA3Linear(nn.Module):
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for name in find_targets(model, cfg.target_modules):
         set_module(model, name, IA3Linear(model.get_submodule(name), matches(name, cfg.feedforward_modules)))
     return model

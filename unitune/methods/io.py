@@ -49,8 +49,9 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM",
+              "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 def task_type(model: nn.Module) -> str | None:

@@ -51,6 +51,10 @@ def lr_scale(cfg: Config, name: str, param: torch.Tensor, lr: float) -> float:
     return cfg.loraplus_lr_ratio if "lora_B" in name or param.ndim == 1 else 1.0
 
 
+def scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 class _MergedLoRA(torch.autograd.Function):
     """y = x (W + s·B·A)^T + b in one matmul, with hand-written gradients for A and B only.
 
@@ -81,9 +85,6 @@ class _MergedLoRA(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with named LoRA adapters beside it."""
 
-    def stores(self) -> tuple:
-        return self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector
-
     def state(self, adapter: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's names, relative to the layer.
 
@@ -109,6 +110,10 @@ class LoRALinear(nn.Module):
             self.in_features, self.out_features = base.weight.shape
         else:  # nn.Linear, or a quantized linear layer (whose weight is computed on demand)
             self.in_features, self.out_features = base.in_features, base.out_features
+        self._new_stores()
+        self.add_adapter(adapter, r, alpha, dropout, rslora, dora, init)
+
+    def _new_stores(self) -> None:
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
@@ -116,7 +121,9 @@ class LoRALinear(nn.Module):
         self.lora_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA starting A, B
         self.active: str | None = None
         self.merged = False
-        self.add_adapter(adapter, r, alpha, dropout, rslora, dora, init)
+
+    def stores(self) -> tuple:
+        return self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector
 
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
                     init: str = "kaiming") -> None:
@@ -124,7 +131,7 @@ class LoRALinear(nn.Module):
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout[adapter] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling[adapter] = scaling(alpha, r, rslora)
         nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter].weight)
         if init != "kaiming":
@@ -210,8 +217,10 @@ class LoRALinear(nn.Module):
         if self.active in self.lora_magnitude_vector:
             return self._dora_forward(x, a, b, dropout, no_dropout)
         if (no_dropout and not getattr(self.base_layer, "quantized", False)
-                and self.base_layer.weight.dtype == x.dtype == a.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
-            return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight, self.scaling[self.active])
+                and self.base_layer.weight.dtype == x.dtype == a.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight,
+                                     self.scaling[self.active])
         out = self.base_layer(x)
         h = dropout(x).to(a.weight.dtype)
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
@@ -235,15 +244,12 @@ class LoRAEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
                  dora: bool = False, init: str = "kaiming"):
         super().__init__()
-        if dora or init != "kaiming":
-            raise ValueError("LoRA on embedding layers supports neither DoRA nor PiSSA/OLoRA init; "
-                             "leave the embeddings out of target_modules or use the default init")
         self.base_layer = base
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged = False
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+        self.add_adapter(adapter, r, alpha, dropout, rslora, dora, init)
 
     def stores(self) -> tuple:
         return self.lora_embedding_A, self.lora_embedding_B
@@ -253,11 +259,14 @@ class LoRAEmbedding(nn.Module):
 
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
                     init: str = "kaiming") -> None:
+        if dora or init != "kaiming":
+            raise ValueError("LoRA on embedding layers supports neither DoRA nor PiSSA/OLoRA init; "
+                             "leave the embeddings out of target_modules or use the default init")
         n, d = self.base_layer.weight.shape
         device = self.base_layer.weight.device
         self.lora_embedding_A[adapter] = nn.Parameter(torch.zeros(r, n, device=device))
         self.lora_embedding_B[adapter] = nn.Parameter(torch.randn(d, r, device=device))
-        self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling[adapter] = scaling(alpha, r, rslora)
         self.active = adapter
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
@@ -284,30 +293,25 @@ class LoRAConv2d(LoRALinear):
 
     def __init__(self, base: nn.Conv2d, adapter: str, r: int, alpha: float, dropout: float, rslora: bool,
                  dora: bool = False, init: str = "kaiming"):
-        if dora or init != "kaiming":
-            raise ValueError("LoRA on Conv2d supports neither DoRA nor PiSSA/OLoRA init; leave the convolutions "
-                             "out of target_modules or use the default init")
         if base.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
         nn.Module.__init__(self)
         self.base_layer, self.fan_in_fan_out = base, False
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.lora_dropout, self.lora_magnitude_vector = nn.ModuleDict(), nn.ParameterDict()
-        self.scaling, self.lora_init = {}, {}
-        self.active, self.merged = None, False
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+        self._new_stores()
+        self.add_adapter(adapter, r, alpha, dropout, rslora, dora, init)
 
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False,
                     init: str = "kaiming") -> None:
         if dora or init != "kaiming":
-            raise ValueError("LoRA on Conv2d supports neither DoRA nor PiSSA/OLoRA init")
+            raise ValueError("LoRA on Conv2d supports neither DoRA nor PiSSA/OLoRA init; leave the convolutions "
+                             "out of target_modules or use the default init")
         c = self.base_layer
         device = c.weight.device
         self.lora_A[adapter] = nn.Conv2d(c.in_channels, r, c.kernel_size, c.stride, c.padding, c.dilation,
                                          bias=False, device=device)
         self.lora_B[adapter] = nn.Conv2d(r, c.out_channels, 1, bias=False, device=device)
         self.lora_dropout[adapter] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[adapter] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling[adapter] = scaling(alpha, r, rslora)
         nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter].weight)
         self.active = adapter
@@ -331,8 +335,7 @@ LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     args = (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init)
     for name in find_targets(model, cfg.target_modules, extra=tuple(LAYERS)):
         layer = model.get_submodule(name)

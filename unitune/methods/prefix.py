@@ -16,7 +16,7 @@ from torch import nn
 
 from unitune.config import Section
 from unitune.methods import virtual
-from unitune.methods.virtual import KEY_PREFIX, PACKING, merge_and_unload  # noqa: F401
+from unitune.methods.virtual import KEY_PREFIX, PACKING, adapter_state, merge_and_unload  # noqa: F401
 
 PEFT_TYPE = "PREFIX_TUNING"
 
@@ -75,10 +75,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     else:
         table = torch.randn(n, width, generator=torch.Generator().manual_seed(0)).to(device)
     return virtual.attach(model, PrefixEncoder(table, shape, cfg), "prefix")
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {"prompt_embeddings": model.prompt_encoder.table()}
 
 
 def peft_config(cfg: Config, model: nn.Module) -> dict:

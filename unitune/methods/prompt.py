@@ -14,7 +14,7 @@ from torch import nn
 
 from unitune.config import Section
 from unitune.methods import virtual
-from unitune.methods.virtual import KEY_PREFIX, PACKING, merge_and_unload  # noqa: F401
+from unitune.methods.virtual import KEY_PREFIX, PACKING, adapter_state, merge_and_unload  # noqa: F401
 
 PEFT_TYPE = "PROMPT_TUNING"
 
@@ -64,10 +64,6 @@ def initial_table(model: nn.Module, n: int, init: str, text: str | None = None, 
 def apply(model: nn.Module, cfg: Config, tokenizer=None) -> nn.Module:
     table = initial_table(model, cfg.num_virtual_tokens, cfg.init, cfg.init_text, tokenizer)
     return virtual.attach(model, PromptEmbedding(table), "embeddings")
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {"prompt_embeddings": model.prompt_encoder.table()}
 
 
 def peft_config(cfg: Config, model: nn.Module) -> dict:

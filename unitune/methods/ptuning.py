@@ -13,8 +13,8 @@ from pydantic import Field
 from torch import nn
 
 from unitune.config import Section
-from unitune.methods import prompt, virtual
-from unitune.methods.virtual import KEY_PREFIX, PACKING, merge_and_unload  # noqa: F401
+from unitune.methods import virtual
+from unitune.methods.virtual import KEY_PREFIX, PACKING, adapter_state, merge_and_unload  # noqa: F401
 
 PEFT_TYPE = "P_TUNING"
 
@@ -58,9 +58,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     dim = virtual.dims(model)["hidden"]
     device = model.get_input_embeddings().weight.device
     return virtual.attach(model, PromptEncoder(cfg.num_virtual_tokens, dim, cfg, device), "embeddings")
-
-
-adapter_state = prompt.adapter_state
 
 
 def peft_config(cfg: Config, model: nn.Module) -> dict:

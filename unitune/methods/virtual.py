@@ -22,9 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-
-def backbone(model: nn.Module) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
+from unitune.objectives.sft import backbone
 
 
 def dims(model: nn.Module) -> dict:
@@ -48,8 +46,7 @@ def attach(model: nn.Module, encoder: nn.Module, kind: str) -> nn.Module:
     `encoder(batch_size)` returns (batch, n, hidden) embeddings for kind 'embeddings', or a list
     of per-layer (keys, values), each (batch, kv_heads, n, head_dim), for kind 'prefix'.
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     if hasattr(model, "prompt_encoder"):
         raise ValueError("this model already has virtual tokens; one prompt method at a time")
     model.prompt_encoder = encoder
@@ -115,6 +112,11 @@ def sample_vocab(model: nn.Module, n: int, generator: torch.Generator | None = N
     """n token ids drawn from the first 5,000 of the vocabulary (Lester et al.: common tokens init best)."""
     vocab = model.get_input_embeddings().weight.shape[0]
     return torch.randint(0, min(vocab, 5000), (n,), generator=generator)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained table (PEFT's `prompt_embeddings`: embeddings, or the flattened prefix)."""
+    return {"prompt_embeddings": model.prompt_encoder.table()}
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
