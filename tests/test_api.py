@@ -1,5 +1,7 @@
 """End to end on the tiny model: train, the run directory, merge, generate, eval, the CLI."""
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ import unitune
 from unitune.cli import main
 from unitune.generation import generate, stream
 from unitune.models import load_model
-from unitune.config import ModelConfig
+from unitune.config import ModelConfig, RecipeError
+from safetensors.torch import load_file
 
 
 def test_train_writes_a_complete_run(tiny_recipe):
@@ -39,14 +42,22 @@ def test_full_finetune_and_lr_schedule(tiny_recipe):
 
 
 def test_grad_accumulation_equals_one_large_batch(tiny_recipe, tmp_path):
-    """Loss is normalised by the tokens of the whole step, so 2 x 2 rows == 1 x 4 rows exactly."""
+    """Loss is normalised by the tokens of the whole step, so 2 x 2 rows == 1 x 4 rows exactly, and
+    both are the gradient of the mean token loss of the 4 rows."""
+    from unitune.api import prepare
+    from unitune.config import load_recipe
+    from unitune.data.packing import collate
+    from unitune.data.tokenize import IGNORE
+
     data = tmp_path / "four.jsonl"
     src = tiny_recipe["data"]["train"]
     data.write_text("".join(open(src).readlines()[:4]))
-    # eps=1 makes AdamW's first step linear in the gradient (lr·g/(|g|+1)), so the weights compare
-    # the gradients themselves rather than the sign of near-zero ones.
+    # Clipping would rescale any gradient to the same norm and hide a wrongly scaled loss. eps=1 makes
+    # AdamW's first step lr·g/(|g|+1) rather than the scale-free lr·sign(g), so the weights show g itself.
+    # fp32: CPUs with native bf16 would otherwise autocast.
     base = {**tiny_recipe, "data": {"train": str(data), "packing": False}, "eval": {"before": False, "generate": 0},
-            "method": {"name": "full"}, "train": {**tiny_recipe["train"], "eps": 1.0}}
+            "method": {"name": "full"},
+            "train": {**tiny_recipe["train"], "eps": 1.0, "max_grad_norm": None, "precision": "fp32"}}
     one = unitune.train({**base, "train": {**base["train"], "steps": 1, "batch_size": 4, "grad_accum": 1},
                          "output": {**base["output"], "name": "one"}})
     two = unitune.train({**base, "train": {**base["train"], "steps": 1, "batch_size": 2, "grad_accum": 2},
@@ -56,16 +67,45 @@ def test_grad_accumulation_equals_one_large_batch(tiny_recipe, tmp_path):
     for k in m1:
         torch.testing.assert_close(m1[k], m2[k], atol=2e-6, rtol=1e-5)
 
+    # The reference: plain cross-entropy averaged over the loss tokens of all 4 rows at once.
+    loaded, built = prepare(load_recipe(base), torch.device("cpu"))
+    assert len(built.train) == 4
+    batch = collate(built.train, [[i] for i in range(4)], loaded.tokenizer.pad_token_id, packed=False)
+    logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mean_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE)
+    mean_loss.backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in loaded.model.parameters()])).item()
+    for run in (one, two):
+        logged = next(r for r in run.history if r["split"] == "train" and r["step"] == 1)
+        assert logged["loss"] == pytest.approx(mean_loss.item(), rel=1e-5)
+        assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
 
-def test_early_stopping(tiny_recipe):
+
+def test_early_stopping_keeps_the_best_weights(tiny_recipe):
     # Watching for a *rise* in validation loss while it falls: no evaluation improves on the first.
     recipe = {**tiny_recipe, "eval": {"generate": 0},
               "train": {**tiny_recipe["train"], "steps": 30, "eval_every": 1, "early_stopping_patience": 2,
                         "early_stopping_mode": "max"}}
     run = unitune.train(recipe)
-    assert run.metrics["step"] == 3
-    assert (run.dir / "checkpoints" / "step-3" / "trainer.json").is_file()
     assert max(r["step"] for r in run.history if r["split"] == "train") == 3
+    assert (run.dir / "checkpoints" / "step-3" / "trainer.json").is_file()
+    assert run.metrics["step"] == 1  # the result is the best evaluation, not the last one
+    best = load_file(run.dir / "checkpoints" / "best" / "weights.safetensors")
+    last = load_file(run.dir / "checkpoints" / "step-3" / "weights.safetensors")
+    saved = load_file(run.output / "adapter_model.safetensors")
+    for name, w in best.items():
+        peft_key = "base_model.model." + name.replace(".default.", ".")
+        torch.testing.assert_close(saved[peft_key], w)
+        assert not torch.equal(w, last[name])
+    assert "kept the weights of step 1" in (run.dir / "report.md").read_text()
+
+
+def test_misspelt_early_stopping_metric_is_an_error(tiny_recipe):
+    recipe = {**tiny_recipe, "eval": {"generate": 0},
+              "train": {**tiny_recipe["train"], "eval_every": 1, "early_stopping_patience": 2,
+                        "early_stopping_metric": "val_los"}}
+    with pytest.raises(RecipeError, match=r"early_stopping_metric='val_los'.*val_loss"):
+        unitune.train(recipe)
 
 
 def test_merge_generate_and_eval_cli(tiny_recipe, tmp_path, capsys):
@@ -98,16 +138,73 @@ def test_generation_batched_equals_one_by_one_and_streams(tiny_llama):
     assert "".join(stream(loaded.model, loaded.tokenizer, convs[1], 6, temperature=0)).strip() == batched[1]
 
 
-def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    def one_line(code: int, argv: list[str]) -> str:
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert err.startswith("unitune: ") and err.count("\n") == 1, err
+        return err
+
     bad = tmp_path / "r.yaml"
     bad.write_text("train:\n  stpes: 3\n")
-    assert main(["train", str(bad)]) == 2
-    assert "did you mean 'steps'" in capsys.readouterr().err
+    shown = one_line(2, ["train", str(bad)])
+    assert shown.startswith("unitune: error: unknown recipe key 'train.stpes': did you mean 'steps'?")
+    bad.write_text("train:\n  lr: -1\n  batch_size: 0\n")  # two problems, still one line
+    assert "'train.batch_size'" in one_line(2, ["train", str(bad)])
     bad.write_text(f"model:\n  name: {tmp_path / 'nowhere'}\ndata:\n  train: x.jsonl\n")
-    assert main(["train", str(bad)]) == 2
-    assert "not found" in capsys.readouterr().err
-    assert main(["train", str(bad), "--resume"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    assert "not found" in one_line(2, ["train", str(bad)])
+    assert "nothing to resume" in one_line(2, ["train", str(bad), "--resume"])
+
+    def fails(error):
+        def train(*args, **kwargs):
+            raise error
+        return train
+
+    monkeypatch.setattr(unitune.api, "train", fails(KeyError("step")))
+    assert one_line(1, ["train", str(bad)]) == \
+        "unitune: error: KeyError: 'step' (unexpected; --debug shows the traceback)\n"
+    for argv in (["--debug", "train", str(bad)], ["train", str(bad), "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and err.endswith("KeyError: 'step'\n")
+    monkeypatch.setattr(unitune.api, "train", fails(KeyboardInterrupt()))
+    assert one_line(130, ["train", str(bad)]) == "unitune: interrupted\n"
+
+
+def test_chat_ends_with_one_line_when_generation_fails(tiny_llama, monkeypatch, capsys):
+    """generate runs in a thread; its error must reach the CLI rather than leave the reader waiting."""
+    from transformers import LlamaForCausalLM
+
+    def broken_generate(self, streamer=None, **kwargs):
+        streamer.on_finalized_text("half an ans")
+        raise RuntimeError("out of memory")
+
+    said = iter(["Hello"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(said))
+    monkeypatch.setattr(LlamaForCausalLM, "generate", broken_generate)
+    codes = []
+    cli = threading.Thread(target=lambda: codes.append(main(["chat", str(tiny_llama)])), daemon=True)
+    cli.start()
+    cli.join(timeout=30)
+    assert not cli.is_alive(), "unitune chat hung after generate raised"
+    out, err = capsys.readouterr()
+    assert codes == [1] and "model> half an ans" in out
+    assert "Traceback" not in err  # below a progress bar of the weights loading: the one line
+    assert err.endswith("\nunitune: error: RuntimeError: out of memory (unexpected; --debug shows the traceback)\n")
+
+
+def test_stream_stops_generating_when_the_reader_leaves(tiny_llama, monkeypatch):
+    """Ctrl-C during a reply: closing the stream ends generation instead of waiting for max_new_tokens."""
+    loaded = load_model(ModelConfig(name=str(tiny_llama)))
+    steps = []
+    loaded.model.register_forward_hook(lambda *_: steps.append(1))
+    monkeypatch.setattr("unitune.generation.end_of_turn_ids", lambda tok: [])  # nothing else stops it early
+    pieces = stream(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hi"}], 2000, temperature=0)
+    next(pieces)
+    pieces.close()
+    after_close = len(steps)
+    time.sleep(0.3)
+    assert len(steps) == after_close < 100
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tiny_recipe):

@@ -5,24 +5,25 @@
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from unitune import atomic
 from unitune.config import ModelConfig, Recipe, load_recipe, save_recipe
 from unitune.data import Batches, DataBundle, build_data
+from unitune.data.packing import packs_exactly
+from unitune.engine import resume as resuming
 from unitune.engine.loop import is_main_process, train_loop
 from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
-from unitune.methods import apply_method, io, lr_scale, method_footprint
+from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
 
@@ -65,7 +66,7 @@ def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
             raise FileNotFoundError(f"nothing to resume: no checkpoint under {base}* (set train.save_every to write them)")
         return with_ckpt[-1]
     if recipe.output.overwrite and base.exists():
-        shutil.rmtree(base)
+        atomic.remove_tree(base)
     if not base.exists() or not any(base.iterdir()):
         return base
     # Never overwrite an earlier run: the next free numbered name instead.
@@ -83,14 +84,17 @@ def count_params(model: torch.nn.Module) -> dict:
 
 def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
     seed_everything(recipe.train.seed)
-    loaded = load_model(recipe.model, device)
+    loaded = load_model(recipe.model, device, layer_quantizer(recipe.method))  # QLoRA: quantized as it loads
     data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
     seed_everything(recipe.train.seed)
     loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     return loaded, data
 
 
-def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int) -> Batches:
+def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int, model: torch.nn.Module) -> Batches:
+    if recipe.data.packing and (why := packs_exactly(model)) is not True:
+        print(f"unitune: {model.config.model_type} cannot pack exactly ({why}); training on padded batches", flush=True)
+        recipe.data.packing = False  # decided once: one notice, and run.recipe says what ran
     return Batches(examples, batch_size, recipe.data.packing, recipe.data.max_length, pad_id, recipe.train.seed)
 
 
@@ -98,7 +102,7 @@ def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, sample
     """A closure computing every validation metric the recipe's data allows."""
     if not val:
         return None
-    batches = _batches(recipe, val, loaded.tokenizer.pad_token_id, recipe.eval.batch_size)
+    batches = _batches(recipe, val, loaded.tokenizer.pad_token_id, recipe.eval.batch_size, loaded.model)
     ev = recipe.eval
 
     def evaluate() -> dict:
@@ -119,33 +123,37 @@ def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, sample
 
 
 def save_output(run: Run, loaded: LoadedModel) -> None:
-    out = run.output
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if io.is_adapter(run.recipe.method):
-        io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source)
-    else:
-        loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic.directory(run.output) as tmp:  # the previous output stays whole until the new one is
+        if io.is_adapter(run.recipe.method):
+            io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source)
+        else:
+            loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
 
 
-def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, resume: bool = False) -> Run:
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, resume: bool = False,
+          force: bool = False) -> Run:
+    """Train from a recipe. `resume` continues the latest run of this recipe from its last checkpoint;
+    a change that would alter its trajectory (recipe or data) is refused unless `force`."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
     if device.type == "cpu" and recipe.train.lean_cpu_memory:
         tune_cpu_allocator()
     run_dir = choose_run_dir(recipe, resume)
-    if resume:  # the run continues under the recipe it started with, plus any new overrides
-        recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    atomic.recover(run_dir)  # a kill while the output or a log was being replaced
+    if resume:
+        resuming.check_recipe(load_recipe(run_dir / "recipe.yaml"), recipe, force)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
     print(f"unitune: run directory {run_dir}", flush=True)
 
     loaded, data = prepare(recipe, device)
+    if resume:
+        resuming.check_data(run_dir, recipe, force)
+    elif is_main_process():
+        resuming.record_data(run_dir, recipe)
     run = Run(run_dir, recipe, params=count_params(loaded.model), stats=data.stats)
     print(f"unitune: {recipe.method.name}: {run.params['trainable']:,} trainable of {run.params['total']:,} parameters "
           f"({100 * run.params['trainable'] / run.params['total']:.3f}%); optimizer state "
@@ -153,9 +161,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if footprint := method_footprint(recipe.method, loaded.model):
         print(f"unitune: {footprint}", flush=True)
     print("unitune: data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()), flush=True)
-    if data.stats["truncated"]:
-        print(f"unitune: {data.stats['truncated']} examples were longer than data.max_length={recipe.data.max_length} "
-              "and were truncated", flush=True)
+    if data.stats["truncated"] or data.stats["dropped_too_long"]:
+        print(f"unitune: {data.stats['truncated'] + data.stats['dropped_too_long']} training examples were longer than "
+              f"data.max_length={recipe.data.max_length}: {data.stats['truncated']} cut, {data.stats['dropped_too_long']} "
+              f"dropped (data.truncation={recipe.data.truncation})", flush=True)
     if recipe.train.early_stopping_patience and not data.val:
         raise ValueError("train.early_stopping_patience needs validation data: set data.validation or data.val_ratio")
     if recipe.train.gradient_checkpointing:
@@ -167,7 +176,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
 
     samples: list[dict] = []
     evaluate = make_evaluator(recipe, loaded, data.val, device, amp, samples)
-    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size)
+    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     loss_fn = partial(OBJECTIVES[recipe.objective.name].loss, chunk=recipe.objective.loss_chunk)
     history = train_loop(loaded.model, loss_fn, batches, recipe.train, run_dir, evaluate, device, amp,
                          resume=resume, eval_at_start=recipe.eval.before,
@@ -175,13 +184,16 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     run.history = history.records
     evals = [r for r in history.records if r.get("split") == "val"]
     run.before = next((r for r in evals if r["step"] == 0), {})
-    run.metrics = evals[-1] if evals else {}
+    run.metrics = history.best or (evals[-1] if evals else {})
 
     if is_main_process():
         save_output(run, loaded)
         plot_loss(run.history, run_dir / "loss.png")
         table = before_after_table(run.before, run.metrics, ("before", "after"))
-        write_report(run_dir, table, samples, data.stats, run.params)
+        notes = [f"early stopping kept the weights of step {history.best['step']}, its best evaluation "
+                 f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
+                 ] if history.best else []
+        write_report(run_dir, table, samples, data.stats, run.params, notes)
         print(f"\n{table}\n\nunitune: saved {run.output} and {run_dir / 'report.md'}", flush=True)
     return run
 
@@ -200,7 +212,7 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
         loaded.model = io.load_adapter(loaded.model, path / "adapter")
         return loaded
     if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = io.adapter_base(path)  # unitune.json first: PEFT's field names a hub id for built-ins
         loaded = load_model(ModelConfig(name=base), device)
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
@@ -213,8 +225,9 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else run_dir / "merged"
     loaded = load_run_or_model(run_dir)
     model = io.merge_and_unload(loaded.model)
-    model.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    with atomic.directory(out) as tmp:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 
 def _train(args) -> None:
@@ -102,28 +103,34 @@ def _methods(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unitune", description="Fine-tune pretrained models from a YAML recipe.")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # Also accepted after the verb; SUPPRESS keeps a --debug given before it from being reset.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    t = sub.add_parser("train", help="train from a recipe")
+    t = sub.add_parser("train", help="train from a recipe", parents=[debug])
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     t.add_argument("--resume", action="store_true", help="continue the latest run of this recipe from its last checkpoint")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="validation loss, perplexity and answer match: base model, and a run beside it")
+    e = sub.add_parser("eval", help="validation loss, perplexity and answer match: base model, and a run beside it",
+                       parents=[debug])
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--run", help="a run directory to compare with the base model")
     e.set_defaults(func=_eval)
 
-    m = sub.add_parser("merge", help="fold a run's LoRA adapter into its base model (a transformers directory)")
+    m = sub.add_parser("merge", help="fold a run's LoRA adapter into its base model (a transformers directory)",
+                       parents=[debug])
     m.add_argument("run")
     m.add_argument("--out")
     m.set_defaults(func=_merge)
 
     for verb, func, help_ in (("generate", _generate, "answer every row of a JSONL file"),
                               ("chat", _chat, "talk to a model or run, streaming")):
-        g = sub.add_parser(verb, help=help_)
+        g = sub.add_parser(verb, help=help_, parents=[debug])
         g.add_argument("model", help="a run directory, adapter directory, model directory, .gguf file or built-in name")
         if verb == "generate":
             g.add_argument("input", help="JSONL with 'messages' or a prompt field")
@@ -138,22 +145,36 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument("--device", default="auto")
         g.set_defaults(func=func)
 
-    ls = sub.add_parser("methods", help="list the fine-tuning methods")
+    ls = sub.add_parser("methods", help="list the fine-tuning methods", parents=[debug])
     ls.set_defaults(func=_methods)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from unitune.config import RecipeError
-    from unitune.data.files import DataError
+def _report(err: BaseException) -> tuple[int, str]:
+    """The exit code and the one line that say what went wrong: 2 the user's to fix, 1 unexpected."""
     from unitune.engine.loop import NonFiniteLoss
 
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    # unitune reports a bad recipe, data file, model path or setting as a ValueError (RecipeError,
+    # DataError) or an OSError (FileNotFoundError) whose message says what to do.
+    if isinstance(err, (ValueError, OSError, NonFiniteLoss)):
+        return 2, f"error: {text or type(err).__name__}"
+    return 1, f"error: {type(err).__name__}: {text} (unexpected; --debug shows the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (RecipeError, DataError, NonFiniteLoss, FileNotFoundError) as err:
-        print(f"unitune: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code, line = _report(err)
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"unitune: {line}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -7,12 +7,16 @@ method owns its own fields (see unitune/methods/__init__.py).
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unitune import atomic
 
 
 class RecipeError(ValueError):
@@ -38,6 +42,9 @@ class DataConfig(Section):
     val_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "instruction", "chat", "text"] = "auto"
     max_length: int = Field(1024, gt=1)
+    # rows over max_length: prompt cuts the oldest context and keeps the final answer with its end-of-turn
+    # token (right-cut answers teach a model not to stop); drop drops them; right keeps their beginning
+    truncation: Literal["prompt", "drop", "right"] = "prompt"
     packing: bool = True  # several examples per row, no attention across their boundary
     loss_on: Literal["assistant", "all"] = "assistant"
     system_prompt: str | None = None
@@ -109,16 +116,26 @@ class Recipe(Section):
 # Loading, overrides and error messages
 
 
+# Names users bring from transformers' TrainingArguments and PEFT's LoraConfig: spelling alone
+# cannot lead to ours (difflib answers `learning_rate` with `early_stopping_patience`).
+KNOWN_AS = {"learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+            "num_train_epochs": "epochs", "max_steps": "steps", "max_seq_length": "max_length",
+            "lr_scheduler_type": "schedule", "logging_steps": "log_every", "eval_steps": "eval_every",
+            "save_steps": "save_every", "save_total_limit": "keep_checkpoints"}
+
+
 def _check_keys(data: dict, schema: type[BaseModel], where: str) -> None:
     """Name the closest valid key for every unknown one, before pydantic's generic message."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
     fields = schema.model_fields
+    names = {**{alias: ours for alias, ours in KNOWN_AS.items() if ours in fields}, **{f: f for f in fields}}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f"did you mean '{names[close[0]]}'? " if close else ""
             raise RecipeError(f"unknown recipe key '{path}': {hint}valid keys: {', '.join(fields)}")
         sub = fields[key].annotation
         if isinstance(sub, type) and issubclass(sub, Section) and isinstance(value, dict):
@@ -141,19 +158,55 @@ def validate_section(schema: type[BaseModel], data: dict, where: str) -> BaseMod
         raise RecipeError(_format(err, where)) from None
 
 
+def _field_type(keys: list[str], method: str) -> Any:
+    """The annotation of the field `section.key` sets (the method's own Config for `method.*`), if known."""
+    from unitune.methods import METHODS
+
+    if len(keys) != 2:
+        return None
+    section, key = keys
+    if section == "method":
+        schema = getattr(METHODS.get(method), "Config", None)
+    else:
+        schema = Recipe.model_fields[section].annotation if section in Recipe.model_fields else None
+    fields = getattr(schema, "model_fields", {})
+    return fields[key].annotation if key in fields else None
+
+
+def _typed(raw: str, annotation: Any, item: str) -> Any:
+    """A text field keeps the text as typed (YAML would make `Answer: x` a dict and `2024` an int),
+    unless it also takes a list and gets one; numbers, booleans, lists and unknown keys parse as YAML."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    text = any(o is str or (get_origin(o) is Literal and all(isinstance(a, str) for a in get_args(o))) for o in options)
+    if text and type(None) in options and raw.strip() in ("", "null", "~"):
+        return None
+    containers = any(get_origin(o) in (list, tuple, dict) for o in options)
+    if text and not (containers and raw.lstrip().startswith(("[", "{"))):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override '{item}': the value is not valid YAML: {err}") from None
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`section.key=value` pairs; values parse as YAML so numbers, booleans and lists work."""
+    """`section.key=value` pairs, each value typed by the field it sets (see _typed)."""
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override '{item}' is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
+        pairs.append((item, dotted.strip().split("."), raw))
+    # method.* fields belong to the chosen method, which an override may name after them.
+    in_file = data["method"].get("name", "lora") if isinstance(data.get("method"), dict) else "lora"
+    method = next((raw.strip() for _, keys, raw in reversed(pairs) if keys == ["method", "name"]), str(in_file))
+    for item, keys, raw in pairs:
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{item}': '{k}' is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[keys[-1]] = _typed(raw, _field_type(keys, method), item)
     return data
 
 
@@ -173,7 +226,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
             raise RecipeError(f"{path}: not valid YAML: {err}") from None
         name = path.stem
     else:
-        data = dict(source)
+        data = copy.deepcopy(dict(source))  # overrides must not edit the caller's nested dicts
     data = apply_overrides(data, list(overrides or []))
     method = data.pop("method", None)
     recipe = validate_section(Recipe, data, "")
@@ -189,4 +242,4 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

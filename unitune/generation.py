@@ -5,7 +5,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, TextIteratorStreamer
 
 from unitune.models.loader import end_of_turn_ids
 
@@ -55,13 +55,33 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, conversations
 
 def stream(model: PreTrainedModel, tok: PreTrainedTokenizerBase, conversation: list[dict],
            max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
-    """Yield the reply piece by piece as it is generated."""
+    """Yield the reply piece by piece as it is generated; an error while generating is raised here."""
     model.eval()
     device = next(model.parameters()).device
     enc = _encode(tok, [conversation], device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kw = {**enc, **_settings(tok, max_new_tokens, temperature, top_p), "streamer": streamer}
-    thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kw))
+    reader_left = threading.Event()  # early (Ctrl-C): stop generating rather than finish unread
+    stop = StoppingCriteriaList([lambda ids, scores, **_: torch.full((len(ids),), reader_left.is_set(),
+                                                                     device=ids.device)])
+    kw = {**enc, **_settings(tok, max_new_tokens, temperature, top_p), "streamer": streamer, "stopping_criteria": stop}
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kw)
+        except BaseException as err:  # re-raised in the reader below
+            failed.append(err)
+            # Without a stop signal the reader waits on the queue forever. end() would decode the
+            # token cache first, which may be what failed.
+            streamer.on_finalized_text("", stream_end=True)
+
+    thread = threading.Thread(target=run)
     thread.start()
-    yield from streamer
-    thread.join()
+    try:
+        yield from streamer
+    finally:
+        reader_left.set()
+        thread.join()
+    if failed:
+        raise failed[0]

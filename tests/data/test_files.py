@@ -55,10 +55,10 @@ def test_sharegpt_and_chat_rows(tmp_path):
 
 def test_empty_after_filtering_is_an_error(tmp_path, tokenizer):
     p = tmp_path / "long.jsonl"
-    # The answer starts beyond max_length: nothing is left to learn from.
+    # Cut from the right, the answer starts beyond max_length: nothing is left to learn from.
     p.write_text(json.dumps({"instruction": "word " * 200, "output": "answer"}) + "\n")
     with pytest.raises(DataError, match="no usable examples"):
-        build_data(DataConfig(train=str(p), max_length=32), tokenizer, 0)
+        build_data(DataConfig(train=str(p), max_length=32, truncation="right"), tokenizer, 0)
     with pytest.raises(DataError, match="data file not found"):
         build_data(DataConfig(train=str(tmp_path / "nope.jsonl")), tokenizer, 0)
 

@@ -1,9 +1,10 @@
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
-from unitune.config import DataConfig
+from unitune import api
+from unitune.config import DataConfig, load_recipe
 from unitune.data import Batches, build_data
-from unitune.data.packing import collate
+from unitune.data.packing import collate, packs_exactly
 from unitune.data.tokenize import IGNORE
 
 
@@ -50,3 +51,33 @@ def test_padded_batches_group_lengths(orders_data, tokenizer):
     assert (batch["targets"][pad] == IGNORE).all()
     waste = pad.sum().item() / pad.numel()
     assert waste < 0.3  # length grouping keeps padding small
+
+
+def tiny_mamba(tokenizer) -> MambaForCausalLM:
+    """A state-space model: its recurrence carries every token into the next, whatever the mask."""
+    torch.manual_seed(0)
+    return MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=4,
+                                        pad_token_id=tokenizer.pad_token_id))
+
+
+def test_packs_exactly_tells_which_models_pack(tiny_llama, tokenizer):
+    assert packs_exactly(AutoModelForCausalLM.from_pretrained(tiny_llama)) is True
+    mamba = tiny_mamba(tokenizer).train()
+    assert "change with the example packed before it" in packs_exactly(mamba)
+    assert mamba.training  # the probe ran in eval mode and gave the mode back
+
+
+def test_a_model_that_cannot_pack_trains_on_padded_batches(tiny_llama, orders_data, tokenizer, capsys):
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0)
+    recipe = load_recipe({})
+    batches = api._batches(recipe, data.train, tokenizer.pad_token_id, 2, AutoModelForCausalLM.from_pretrained(tiny_llama))
+    assert batches.packing and capsys.readouterr().out == ""
+
+    batches = api._batches(recipe, data.train, tokenizer.pad_token_id, 2, tiny_mamba(tokenizer))
+    notice = capsys.readouterr().out.strip()
+    assert notice.startswith("unitune: mamba cannot pack exactly (") and notice.endswith("training on padded batches")
+    assert len(notice.splitlines()) == 1
+    assert not batches.packing and "attention_mask" in batches.next()
+    assert recipe.data.packing is False  # the run's recipe records what ran
+    api._batches(recipe, data.val or data.train, tokenizer.pad_token_id, 2, tiny_mamba(tokenizer))
+    assert capsys.readouterr().out == ""  # decided once per run: one notice

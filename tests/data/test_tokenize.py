@@ -1,8 +1,14 @@
-"""The assistant mask must be right for any chat template, without {% generation %} tags."""
+"""The assistant mask must be right for any chat template, without {% generation %} tags; rows over
+max_length are cut as data.truncation says. Real templates: test_templates.py."""
+import json
+
 import pytest
 
+from unitune.config import DataConfig
+from unitune.data import build_data
 from unitune.data.formats import Sample
-from unitune.data.tokenize import IGNORE, assistant_spans, tokenize_sample
+from unitune.data.templates import assistant_spans
+from unitune.data.tokenize import IGNORE, tokenize_sample
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3+3?"},
@@ -71,3 +77,49 @@ def test_default_template_ends_turns_with_eos(tokenizer):
 
     text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False, chat_template=CHATML_TEMPLATE)
     assert text == f"<|im_start|>user\na{tokenizer.eos_token}\n"
+
+
+def test_prompt_truncation_keeps_the_answer_and_its_end_token(tokenizer):
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    full = tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), 512, "assistant")
+    assert full.input_ids[-1] != eot  # ChatML writes a newline after the end-of-turn token
+    answer = len(tokenizer("Six, of course.<|im_end|>", add_special_tokens=False)["input_ids"])
+    n = answer + 3
+    ex = tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), n, "assistant")  # prompt is the default
+    assert ex.truncated and ex.input_ids == full.input_ids[-n - 1 : -1]  # oldest tokens and the trailing newline went
+    assert ex.input_ids[-1] == eot and ex.targets[-2] == eot  # the last thing learned is to stop
+    assert tokenizer.decode([t for t in ex.targets if t != IGNORE]) == "Six, of course.<|im_end|>"
+    # The answer plus one token to predict its first token from is the least that fits; less drops the row.
+    assert tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), answer + 1, "assistant").n_loss == answer
+    assert tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), answer, "assistant") is None
+
+
+def test_drop_and_right_truncation(tokenizer):
+    full = tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), 512, "assistant")
+    n = len(full.input_ids) - 3
+    assert tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), n, "assistant", "drop") is None
+    kept = tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), n + 3, "assistant", "drop")
+    assert not kept.truncated and kept.input_ids == full.input_ids
+    right = tokenize_sample(tokenizer, Sample(CONV, None, "x:1"), n, "assistant", "right")
+    assert right.truncated and right.input_ids == full.input_ids[:n] and right.targets[:-1] == full.targets[: n - 1]
+
+
+def test_plain_text_keeps_its_beginning_unless_dropped(tokenizer):
+    doc = Sample(None, "user assistant system " * 10, "x:1")
+    full = tokenize_sample(tokenizer, doc, 512, "all")
+    for mode in ("prompt", "right"):
+        ex = tokenize_sample(tokenizer, doc, 8, "all", mode)
+        assert ex.truncated and ex.input_ids == full.input_ids[:8]
+    assert tokenize_sample(tokenizer, doc, 8, "all", "drop") is None
+
+
+@pytest.mark.parametrize("mode, truncated, too_long, no_loss", [("prompt", 1, 1, 0), ("drop", 0, 2, 0), ("right", 2, 0, 1)])
+def test_truncation_counts_in_data_stats(tmp_path, tokenizer, mode, truncated, too_long, no_loss):
+    rows = [("Hi", "Hello."), ("Hello, how are you? " * 12, "Fine."), ("Hi", "I am fine. " * 12)]
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
+                         for u, a in rows))
+    data = build_data(DataConfig(train=str(p), max_length=24, truncation=mode), tokenizer, 0)
+    assert (data.stats["truncated"], data.stats["dropped_too_long"], data.stats["dropped_no_loss_tokens"]) == (
+        truncated, too_long, no_loss)
+    assert len(data.train) == 3 - too_long - no_loss and all(len(e.input_ids) <= 24 for e in data.train)

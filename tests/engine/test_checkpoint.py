@@ -84,3 +84,26 @@ def test_nan_loss_stops_with_a_message(tiny_recipe, monkeypatch):
     monkeypatch.setattr(sft, "loss", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 3.*step-2"):
         unitune.train(recipe)
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_recipe, monkeypatch):
+    """A finite loss whose gradient is NaN must not reach the weights or a checkpoint."""
+    recipe = {**tiny_recipe, "train": {**tiny_recipe["train"], "save_every": 1, "max_grad_norm": None},
+              "eval": {"before": False, "generate": 0}}
+    real = sft.loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        total, info = real(*args, **kwargs)
+        if calls["n"] == 3:
+            total.register_hook(lambda g: g * float("nan"))
+        return total, info
+
+    monkeypatch.setattr(sft, "loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"gradient norm became nan at step 3.*step-2"):
+        unitune.train(recipe)
+    ckpt_dir = Path(tiny_recipe["output"]["dir"]) / "tiny" / "checkpoints"
+    assert checkpoint.list_checkpoints(ckpt_dir) == [1, 2]
+    weights = load_file(ckpt_dir / "step-2" / "weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

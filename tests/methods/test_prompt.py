@@ -7,7 +7,8 @@ from peft import (PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuni
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unitune.config import RecipeError, load_recipe
-from unitune.generation import generate
+from unitune.generation import _encode, _settings
+from unitune.models.loader import end_of_turn_ids
 from unitune.methods import io, prefix, prompt, ptuning, virtual
 
 N = 5
@@ -83,19 +84,40 @@ def test_only_the_virtual_tokens_train(tiny_llama, case):
 def test_kv_cache_generation_matches_full_recomputation(tiny_llama, case):
     """Greedy decoding with the cache equals re-running the whole sequence each step; batched == alone."""
     method, cfg, _ = CASES[case]
-    model = method.apply(_load(tiny_llama), cfg)
+    base = _load(tiny_llama)
+    with torch.no_grad():  # at init scale greedy decoding repeats one token; larger weights make it vary
+        for n, p in base.named_parameters():
+            if "norm" not in n:
+                p.mul_(10)
+    model = method.apply(base, cfg)
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():
             p.mul_(0.2)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     convs = [[{"role": "user", "content": "Two lamps for Ana in Lima."}], [{"role": "user", "content": "Hi"}]]
-    batched = generate(model, tok, convs, max_new_tokens=6)
-    assert batched == [generate(model, tok, [c], max_new_tokens=6)[0] for c in convs]
-    ids = tok.apply_chat_template(convs[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    with torch.no_grad():
-        for _ in range(6):  # no cache: the whole sequence each step
-            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    assert tok.decode(ids[0, -6:], skip_special_tokens=True).strip().startswith(batched[0][:8])
+    # A random model may end its answer at once; with the stop tokens barred for all T steps every
+    # comparison below covers T real tokens.
+    T, stops = 16, end_of_turn_ids(tok)
+    settings = {**_settings(tok, T, 0.0, 1.0), "min_new_tokens": T}
+
+    def cached(batch):
+        enc = _encode(tok, batch, "cpu")
+        with torch.no_grad():
+            return model.generate(**enc, **settings)[:, enc["input_ids"].shape[1]:]
+
+    batched = cached(convs)
+    assert batched.shape == (2, T)
+    for i, conv in enumerate(convs):
+        alone = cached([conv])[0]
+        torch.testing.assert_close(batched[i], alone, rtol=0, atol=0)  # left padding changes nothing
+        ids = _encode(tok, [conv], "cpu")["input_ids"]
+        with torch.no_grad():
+            for _ in range(T):  # no cache: the whole sequence each step
+                logits = model(ids, use_cache=False).logits[:, -1]
+                logits[:, stops] = -torch.inf
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        torch.testing.assert_close(ids[0, -T:], alone, rtol=0, atol=0)
+        assert len(set(alone.tolist())) > T // 2 and tok.decode(alone, skip_special_tokens=True).strip()
     virtual.detach(model)
     assert not hasattr(model, "prompt_encoder")
 

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from unitune.methods import io, lora, qlora
-from unitune.methods.quant import QuantEmbedding, QuantLinear, quantize_embeddings, quantize_model
+from unitune.methods.quant import QuantEmbedding, QuantLinear, QuantWeight
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 X = torch.randint(3, 300, (2, 17))
@@ -108,7 +108,7 @@ def test_untied_head_is_its_own_nf4_layer_and_dequantizes_back():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
-    assert quantize_embeddings(model) == ["model.embed_tokens", "lm_head"]
+    qlora.quantize_base(model, qlora.Config(embeddings="nf4"))
     assert type(model.lm_head) is QuantLinear and isinstance(model.model.embed_tokens, QuantEmbedding)
     with torch.no_grad():
         logits = model(X).logits
@@ -138,8 +138,7 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
     io.save_adapter(ours, tmp_path / "a", cfg, str(tiny_llama))
     rounded = _load(tiny_llama)  # the base with its weights through NF4 and back
-    quantize_model(rounded, {"lm_head"})
-    quantize_embeddings(rounded, bits=8)  # qlora's default for the embedding table
+    qlora.quantize_base(rounded, cfg)
     peft_model = PeftModel.from_pretrained(qlora.dequantize_model(rounded), tmp_path / "a")
     with torch.no_grad():
         tuned = ours(X).logits
@@ -147,7 +146,7 @@ def test_trains_like_lora_on_the_dequantized_base_and_saves_for_peft(tiny_llama,
         with pytest.raises(RuntimeError, match="quantized base"):
             lora.lora_layers(ours)[0][1].merge()
         merged = io.merge_and_unload(ours)
-        assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+        assert not any(isinstance(m, QuantWeight) for m in merged.modules())
         assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tied again
         torch.testing.assert_close(merged(X).logits, tuned, atol=1e-5, rtol=1e-4)
 

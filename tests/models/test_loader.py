@@ -1,7 +1,7 @@
 import pytest
 
 from unitune.config import ModelConfig
-from unitune.models import builtin, end_of_turn_ids, load_model
+from unitune.models import builtin, end_of_turn_ids, load_model, loader
 
 
 def test_missing_model_says_what_to_give(tmp_path):
@@ -32,5 +32,26 @@ def test_generation_stops_at_end_of_turn(tiny_llama, tokenizer):
     assert end_of_turn_ids(tokenizer) == [im_end, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
 
 
-def test_trust_remote_code_is_off_by_default():
-    assert ModelConfig().trust_remote_code is False
+@pytest.mark.parametrize("random_init", [False, True])
+@pytest.mark.parametrize("recipe,expected", [({}, False), ({"trust_remote_code": True}, True)])
+def test_trust_remote_code_reaches_from_pretrained(tiny_llama, monkeypatch, recipe, expected, random_init):
+    """Off unless the recipe sets it, as the kwarg every transformers loader receives (not just as a default)."""
+    received = []
+
+    class Spy:  # records the calls the loader itself makes, not the ones transformers makes inside them
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                received.append((f"{self.real.__name__}.{name}", kwargs.get("trust_remote_code", False)))
+                return getattr(self.real, name)(*args, **kwargs)
+            return call
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"):
+        monkeypatch.setattr(loader, name, Spy(getattr(loader, name)))
+    load_model(ModelConfig(name=str(tiny_llama), random_init=random_init, **recipe))
+    weights = ["AutoConfig.from_pretrained", "AutoModelForCausalLM.from_config"] if random_init else \
+        ["AutoModelForCausalLM.from_pretrained"]
+    assert {*weights, "AutoTokenizer.from_pretrained"} <= {what for what, _ in received}
+    assert all(trust is expected for _, trust in received), received

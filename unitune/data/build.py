@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig
 from unitune.data.files import DataError, read_rows
-from unitune.data.formats import to_sample
+from unitune.data.formats import template_roles, to_sample
 from unitune.data.packing import collate, group_by_length, pack
 from unitune.data.tokenize import Example, tokenize_sample
 
@@ -36,15 +36,20 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stat
     rows = read_rows(path)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
-    examples = [tokenize_sample(tok, to_sample(r, cfg.format, cfg.system_prompt), cfg.max_length, cfg.loss_on) for r in rows]
-    kept = [e for e in examples if e.n_loss > 0]
+    roles = template_roles(tok)
+    examples = [tokenize_sample(tok, to_sample(r, cfg.format, cfg.system_prompt, roles), cfg.max_length, cfg.loss_on,
+                                 cfg.truncation) for r in rows]
+    fitting = [e for e in examples if e is not None]  # None: too long, dropped by data.truncation
+    kept = [e for e in fitting if e.n_loss > 0]
     stats["rows"] = stats.get("rows", 0) + len(rows)
-    stats["truncated"] = stats.get("truncated", 0) + sum(e.truncated for e in examples)
-    stats["dropped_no_loss_tokens"] = stats.get("dropped_no_loss_tokens", 0) + len(examples) - len(kept)
+    stats["truncated"] = stats.get("truncated", 0) + sum(e.truncated for e in fitting)
+    stats["dropped_too_long"] = stats.get("dropped_too_long", 0) + len(examples) - len(fitting)
+    stats["dropped_no_loss_tokens"] = stats.get("dropped_no_loss_tokens", 0) + len(fitting) - len(kept)
     if not kept:
         raise DataError(
-            f"{path}: no usable examples ({len(rows)} rows read; {stats['dropped_no_loss_tokens']} have no tokens "
-            f"to learn from after truncation to data.max_length={cfg.max_length})"
+            f"{path}: no usable examples ({len(rows)} rows read; {stats['dropped_too_long']} longer than "
+            f"data.max_length={cfg.max_length} dropped (data.truncation={cfg.truncation}); "
+            f"{stats['dropped_no_loss_tokens']} have no tokens to learn from)"
         )
     return kept
 

@@ -5,6 +5,13 @@ Packed rows carry `position_ids` that restart at 0 for every example and no atte
 transformers then builds a block-diagonal causal mask from the position ids, so no example
 sees another. Targets are shifted per example before packing, so no token learns to predict
 the first token of the next example.
+
+That mask is built (transformers 5, `masking_utils._preprocess_mask_arguments`) only when the
+backbone gets `position_ids`, no attention mask and no cache, and its attention implementation
+has a mask function (eager, sdpa, flex). Flash attention finds the boundaries in the position
+ids itself, but only in a batch of one row. Layers that mix tokens outside attention (Mamba,
+linear attention, convolutions) and backbones that take no `position_ids` (Bloom) carry one
+example into the next. `packs_exactly` probes the model rather than keep a list of these.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import random
 import torch
 
 from unitune.data.tokenize import IGNORE, Example
+from unitune.models import heads
 
 
 def pack(examples: list[Example], max_length: int, seed: int) -> list[list[int]]:
@@ -70,3 +78,23 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed:
     if not packed:
         batch["attention_mask"] = attn
     return batch
+
+
+def packs_exactly(model: torch.nn.Module) -> bool | str:
+    """True if a packed row gives each example the hidden states it has alone; otherwise why not.
+
+    Two rows [a, b] and [c, b], a and c the same length: b must come out the same after either
+    (nothing crosses the boundary) and the same as b alone (its positions restart).
+    """
+    with heads.probing(model) as device:
+        a, c, b = (heads.probe_ids(model, n, stride, device) for n, stride in ((5, 5), (5, 11), (7, 3)))
+        positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)
+        body = heads.backbone(model)
+        rows = body(input_ids=torch.stack([torch.cat([a, b]), torch.cat([c, b])]),
+                    position_ids=positions.expand(2, -1), use_cache=False).last_hidden_state[:, len(a):]
+        alone = body(input_ids=b[None], position_ids=positions[None, len(a):], use_cache=False).last_hidden_state[0]
+    if (rows[0] - rows[1]).abs().max() > heads.tolerance(alone):
+        return "an example's hidden states change with the example packed before it"
+    if (rows[0] - alone).abs().max() > heads.tolerance(alone):
+        return "a packed example's hidden states differ from its own, unpacked"
+    return True

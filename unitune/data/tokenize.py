@@ -1,19 +1,28 @@
 """Samples -> token ids and next-token targets, with loss only where the recipe wants it.
 
-The assistant mask works with any chat template (FIELD-NOTES trap 2): render the conversation
-prefix by prefix, and the characters that `messages[:i+1]` adds over `messages[:i]` + the
-generation prompt are assistant turn i. Token offsets map those character spans to tokens.
-This needs no `{% generation %}` tags in the template.
+The assistant mask comes from the character spans of the assistant turns in the rendered conversation
+(unitune/data/templates.py); token offsets map those spans to tokens: a token belongs to the turn its
+first character is in.
+
+A row longer than data.max_length is cut as `data.truncation` says:
+- prompt (default): keep the final assistant turn whole, with its end-of-turn token, and as much of the
+  conversation before it as fits, dropping the oldest tokens (the template's BOS stays first). Cutting
+  the end instead teaches the model an answer that never stops. An earlier answer cut at its start keeps
+  loss on what is left of it. A row whose final turn alone does not fit (with one token before it to
+  predict its first token from) is dropped.
+- drop: drop the row.
+- right: keep the first max_length tokens.
+Plain text rows have no answer to keep: `drop` drops them, the other two keep their beginning.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from unitune.data.files import DataError
 from unitune.data.formats import Sample
+from unitune.data.templates import assistant_spans
 
 IGNORE = -100
 
@@ -31,35 +40,36 @@ class Example:
         return sum(t != IGNORE for t in self.targets)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = os.path.commonprefix([a[:n], b[:n]])
-    return len(i)
-
-
-def render(tok: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn included)."""
-    full = render(tok, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = _common_prefix(render(tok, messages[:i], add_generation_prompt=True), full) if i else 0
-        end = _common_prefix(render(tok, messages[: i + 1]), full)
-        if end > start:
-            spans.append((start, end))
-    return full, spans
-
-
 def _targets(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def tokenize_sample(tok: PreTrainedTokenizerBase, sample: Sample, max_length: int, loss_on: str) -> Example:
+def _fit(ids: list[int], mask: list[bool], answer: tuple[int, int] | None, max_length: int,
+         truncation: str, bos: int | None) -> tuple[list[int], list[bool]] | None:
+    """Cut a row to max_length as `truncation` says (module docstring); None drops it.
+
+    `answer` is the token range [first, end) of the final assistant turn, None for plain text.
+    """
+    if len(ids) <= max_length:
+        return ids, mask
+    if truncation == "drop":
+        return None
+    if truncation == "right" or answer is None:
+        return ids[:max_length], mask[:max_length]
+    first, end = answer
+    # A BOS that opens the text once (Llama, Gemma) stays first: the model always saw it there. One that
+    # also opens every turn (SmolLM2's is <|im_start|>) is a turn marker, cut like any other token.
+    head = 1 if bos is not None and ids[0] == bos and ids.count(bos) == 1 else 0
+    start = max(head, end - (max_length - head))
+    if start >= first:
+        return None
+    return ids[:head] + ids[start:end], mask[:head] + mask[start:end]
+
+
+def tokenize_sample(tok: PreTrainedTokenizerBase, sample: Sample, max_length: int, loss_on: str,
+                    truncation: str = "prompt") -> Example | None:
+    """The row as an Example, or None when `truncation` drops it for being longer than max_length."""
+    answer = None
     if sample.messages is None:
         ids = tok(sample.text, add_special_tokens=True)["input_ids"]
         if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
@@ -68,18 +78,23 @@ def tokenize_sample(tok: PreTrainedTokenizerBase, sample: Sample, max_length: in
     else:
         try:
             text, spans = assistant_spans(tok, sample.messages)
+        except DataError as err:  # a turn that cannot be located exactly
+            raise DataError(f"{sample.where}: {err}") from None
         except Exception as err:  # a Jinja error in the template, e.g. an unexpected role or order
             raise DataError(f"{sample.where}: the chat template cannot render this conversation: {err}") from None
         # The template writes BOS etc. itself, so the tokenizer must not add them again.
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        if loss_on == "all":
-            mask = [True] * len(ids)
-        else:
-            mask = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
-    truncated = len(ids) > max_length
-    ids, mask = ids[:max_length], mask[:max_length]
-    return Example(ids, _targets(ids, mask), truncated, sample.where, sample.messages)
+        ids, starts = enc["input_ids"], [a for a, _ in enc["offset_mapping"]]
+        in_turn = [any(s <= a < e for s, e in spans) for a in starts]
+        mask = [True] * len(ids) if loss_on == "all" else in_turn
+        if spans:
+            last = [t for t, a in enumerate(starts) if spans[-1][0] <= a < spans[-1][1]]
+            answer = (last[0], last[-1] + 1)
+    fitted = _fit(ids, mask, answer, max_length, truncation, tok.bos_token_id)
+    if fitted is None:
+        return None
+    kept, kept_mask = fitted
+    return Example(kept, _targets(kept, kept_mask), len(kept) < len(ids), sample.where, sample.messages)
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

@@ -1,19 +1,25 @@
 """Checkpoints that survive a crash and resume exactly.
 
 `checkpoints/step-N/` holds the trainable weights (safetensors), the optimizer and scheduler
-states, every RNG state and the data cursor. It is written to a temporary directory and renamed
-into place, so a crash mid-save leaves the last good checkpoint untouched.
+states, every RNG state and the data cursor. It is written to a temporary directory, fsynced and
+renamed into place, so a kill mid-save leaves the last good checkpoint untouched; old ones are
+renamed aside before they are deleted, so no half-deleted checkpoint keeps a valid name.
+`checkpoints/best/` holds the weights of the best evaluation when early stopping watches one.
 """
 from __future__ import annotations
 
 import json
 import random
-import shutil
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from unitune import atomic
+
+STEP = re.compile(r"step-(\d+)")
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -38,36 +44,47 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / "weights.safetensors")
+
+
 def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, trainer: dict, keep: int) -> Path:
     final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    plain, tensors = rng_state()
-    save_file(tensors, tmp / "rng.safetensors")
-    (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "rng": plain}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(list_checkpoints(ckpt_dir))[:-keep]:
-        shutil.rmtree(ckpt_dir / f"step-{old}")
+    with atomic.directory(final) as tmp:
+        save_weights(weights, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        plain, tensors = rng_state()
+        save_file(tensors, tmp / "rng.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "rng": plain}))
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        atomic.remove_tree(ckpt_dir / f"step-{old}")
     return final
+
+
+def save_best(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], metrics: dict) -> Path:
+    """The trainable weights of the best evaluation so far, and that evaluation."""
+    with atomic.directory(ckpt_dir / "best") as tmp:
+        save_weights(weights, tmp)
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "metrics": metrics}))
+    return ckpt_dir / "best"
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(path / "weights.safetensors").items():
+            params[k].copy_(v)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[int]:
     if not ckpt_dir.is_dir():
         return []
-    return sorted(int(p.name.split("-")[1]) for p in ckpt_dir.glob("step-*") if (p / "trainer.json").is_file())
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir()
+                  if (m := STEP.fullmatch(p.name)) and (p / "trainer.json").is_file())
 
 
 def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    weights = load_file(path / "weights.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
+    load_weights(path, model)
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

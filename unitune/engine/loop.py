@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from unitune.config import TrainConfig
+from unitune import atomic
+from unitune.config import RecipeError, TrainConfig
 from unitune.data import Batches
 from unitune.data.tokenize import IGNORE
 from unitune.engine import checkpoint
@@ -25,7 +26,7 @@ from unitune.engine.schedule import make_scheduler
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss or gradient: the run stops before the optimizer step can spread it."""
 
 
 def is_main_process() -> bool:
@@ -36,20 +37,30 @@ def is_main_process() -> bool:
 class History:
     records: list[dict] = field(default_factory=list)
     path: Path | None = None
+    best: dict | None = None  # the best evaluation, when early stopping watches a metric
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         if self.path and is_main_process():
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            # One write of a whole line, synced: a kill leaves at most a torn last line, which
+            # truncate_after drops.
+            with self.path.open("ab") as f:
+                f.write((json.dumps(record) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop what the interrupted run logged past its last checkpoint."""
+        """On resume, drop what the interrupted run logged past its last checkpoint (and a torn line)."""
         if self.path and self.path.is_file():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = []
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    kept.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # the line a kill cut short
             self.records = [r for r in kept if r.get("step", 0) <= step]
             if is_main_process():
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+                atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -98,6 +109,7 @@ def train_loop(
     state = {"cursor": 0, "best": None, "bad_evals": 0, "stopped": None}
 
     start = 0
+    atomic.recover(ckpt_dir)  # a kill mid-save or mid-delete left temp or renamed-aside copies
     saved = checkpoint.list_checkpoints(ckpt_dir)
     if resume and saved:
         state.update(checkpoint.load(ckpt_dir / f"step-{saved[-1]}", model, optimizer, scheduler))
@@ -109,20 +121,34 @@ def train_loop(
         history.path.unlink()
 
     def run_eval(step: int) -> bool:
-        """Evaluate, log, and tell whether early stopping says to stop."""
+        """Evaluate, log, keep the best weights, and tell whether early stopping says to stop."""
         metrics = evaluate()
-        history.log({"step": step, "split": "val", **metrics})
+        record = {"step": step, "split": "val", **metrics}
+        history.log(record)
+        if cfg.early_stopping_patience is None:
+            return False
         value = metrics.get(cfg.early_stopping_metric)
-        if value is None or step == 0:
+        if value is None:
+            raise RecipeError(f"train.early_stopping_metric='{cfg.early_stopping_metric}' is not measured by this "
+                              f"run's evaluation; it gives: {', '.join(sorted(metrics))}")
+        if step == 0:
             return False
         better = state["best"] is None or (value < state["best"] if cfg.early_stopping_mode == "min" else value > state["best"])
         state["best"], state["bad_evals"] = (value, 0) if better else (state["best"], state["bad_evals"] + 1)
-        return cfg.early_stopping_patience is not None and state["bad_evals"] >= cfg.early_stopping_patience
+        if better and is_main_process():
+            checkpoint.save_best(ckpt_dir, step, dict(trainable), record)
+        return state["bad_evals"] >= cfg.early_stopping_patience
 
     def save(step: int) -> None:
         if is_main_process():
             state["cursor"] = batches.cursor
             checkpoint.save(ckpt_dir, step, dict(trainable), optimizer, scheduler, state, cfg.keep_checkpoints)
+
+    def stop_non_finite(what: str) -> None:
+        last = checkpoint.list_checkpoints(ckpt_dir)
+        where = f"the last good checkpoint is {ckpt_dir / f'step-{last[-1]}'}" if last else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"{what}; stopping before the optimizer step. {where}. "
+                            "Try a lower train.lr, train.max_grad_norm, or train.precision=fp32.")
 
     if evaluate and eval_at_start and start == 0:
         run_eval(0)  # the "before" number: what the run changed is measured against it
@@ -141,19 +167,17 @@ def train_loop(
                 loss_sum, info = loss_fn(model, batch)
             loss = loss_sum / max(n_loss, 1)
             if not torch.isfinite(loss):
-                last = checkpoint.list_checkpoints(ckpt_dir)
-                where = f"the last good checkpoint is {ckpt_dir / f'step-{last[-1]}'}" if last else "no checkpoint was written yet"
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at step {step}; stopping. {where}. "
-                    "Try a lower train.lr, train.max_grad_norm, or train.precision=fp32."
-                )
+                stop_non_finite(f"loss became {loss.item()} at step {step}")
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
             tokens_seen += info["seen_tokens"]
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm).item()
-                     if cfg.max_grad_norm else None)
+        # The norm is needed either way: a finite loss can still give NaN/inf gradients, and one
+        # optimizer step with them would turn every weight (and the next checkpoint) into NaN.
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm or math.inf).item()
+        if not math.isfinite(grad_norm) and not scaler:  # fp16's scaler skips such steps by design
+            stop_non_finite(f"the gradient norm became {grad_norm} at step {step}")
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -183,4 +207,11 @@ def train_loop(
     bar.close()
     if evaluate and not state["stopped"]:
         run_eval(step)
+    best = ckpt_dir / "best"
+    if cfg.early_stopping_patience is not None and (best / "trainer.json").is_file():
+        # The run's result is its best evaluation, not its last: load those weights back.
+        history.best = json.loads((best / "trainer.json").read_text())["metrics"]
+        checkpoint.load_weights(best, model)
+        tqdm.write(f"unitune: keeping the best weights, from step {history.best['step']} "
+                   f"({cfg.early_stopping_metric}={history.best[cfg.early_stopping_metric]:.4f})")
     return history

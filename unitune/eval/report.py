@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unitune import atomic
+
 SHOWN = ("val_loss", "val_ppl", "exact_match", "contains_match")
 
 
@@ -35,13 +37,15 @@ def plot_loss(records: list[dict], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic.temp_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return out
 
 
-def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, params: dict) -> Path:
-    lines = [f"# {run_dir.name}", "", "## Before and after", "", table, ""]
+def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, params: dict,
+                 notes: list[str] = ()) -> Path:
+    lines = [f"# {run_dir.name}", "", "## Before and after", "", table, "", *notes, ""]
     if (run_dir / "loss.png").is_file():
         lines += ["![loss curve](loss.png)", ""]
     lines += ["## Model", "", f"trainable parameters: {params['trainable']:,} of {params['total']:,} "
@@ -52,5 +56,5 @@ def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, pa
         for s in samples[:5]:
             lines += [f"- **prompt**: {s['prompt']!r}", f"  - reference: {s['reference']!r}", f"  - answer: {s['prediction']!r}"]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
     return path

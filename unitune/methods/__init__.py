@@ -54,3 +54,9 @@ def method_footprint(cfg, model) -> str | None:
 
 def describe() -> dict[str, str]:
     return {name: (mod.__doc__ or "").strip().splitlines()[0] for name, mod in METHODS.items()}
+
+
+def layer_quantizer(cfg):
+    """The method's quantizer for models.load_model, if it stores its base quantized (QLoRA)."""
+    quantizer = getattr(METHODS[cfg.name], "layer_quantizer", None)
+    return functools.partial(quantizer, cfg) if quantizer else None

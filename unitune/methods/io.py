@@ -5,6 +5,11 @@ Methods that PEFT also implements (LoRA, IA3) save as PEFT does: `adapter_config
 so `peft.PeftModel.from_pretrained`, transformers and vLLM load them. Such a method module
 declares PEFT_TYPE and provides `adapter_state`, `peft_config`, `config_from_peft` and
 `merge_and_unload`. Other methods save a plain Hugging Face model directory.
+
+base_model_name_or_path names what PEFT users can load: for a built-in model, the hub id its
+weights came from. unitune keeps its own local source (a built-in name or a path) beside it in
+`unitune.json`, not in adapter_config.json: PEFT 0.21 loads a config with an extra key but warns,
+on every load, that the file comes from a newer PEFT.
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unitune.models.builtin import BUILTINS, builtin_name
+
 PEFT_PREFIX = "base_model.model."
+OWN_FILE = "unitune.json"  # {"base_model": the built-in name or local path unitune loads the base from}
 
 
 def peft_methods() -> dict[str, ModuleType]:
@@ -44,9 +52,21 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
     prefix = getattr(method, "KEY_PREFIX", PEFT_PREFIX)  # prompt-learning tables are saved without one
     state = {prefix + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in method.adapter_state(model).items()}
     save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": method.PEFT_TYPE, "task_type": task_type(model), "base_model_name_or_path": base_name,
+    builtin = builtin_name(base_name)
+    config = {"peft_type": method.PEFT_TYPE, "task_type": task_type(model),
+              "base_model_name_or_path": BUILTINS[builtin].hub_id if builtin else base_name,
               "inference_mode": True, "modules_to_save": None, **method.peft_config(cfg, model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out / OWN_FILE).write_text(json.dumps({"base_model": builtin or base_name}, indent=2))
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter directory was trained on, as unitune loads it: unitune's own record
+    first, else PEFT's base_model_name_or_path (an adapter saved by PEFT)."""
+    path = Path(path)
+    if (path / OWN_FILE).is_file():
+        return json.loads((path / OWN_FILE).read_text())["base_model"]
+    return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForConditionalGeneration": "CAUSAL_LM",
@@ -70,9 +90,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     kind = raw.get("peft_type", "LORA")
     if kind not in methods:
         raise ValueError(f"{path}: adapter type {kind} is not one unitune loads ({', '.join(methods)})")
-    if raw.get("modules_to_save"):
-        raise ValueError(f"{path}: adapter_config.json sets 'modules_to_save', which unitune cannot load yet")
     method = methods[kind]
+    if raw.get("modules_to_save") and "modules_to_save" not in method.Config.model_fields:
+        raise ValueError(f"{path}: adapter_config.json sets 'modules_to_save', which unitune loads for LoRA only")
     model = method.apply(model, method.config_from_peft(raw, path))
     if (path / "adapter_model.safetensors").is_file():
         saved = load_file(path / "adapter_model.safetensors")

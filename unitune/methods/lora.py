@@ -11,17 +11,21 @@ and init follow PEFT's LoraLayer, so an adapter moves between the two tools with
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from unitune.config import Section
-from unitune.methods.targets import find_targets, set_module
+from unitune.methods.quant import QuantEmbedding
+from unitune.methods.targets import (find_modules_to_save, find_targets, layer_index, matches, pattern_value,
+                                     set_module)
 
 PEFT_TYPE = "LORA"
 
@@ -39,6 +43,37 @@ class Config(Section):
     # kaiming: A random, B zero. pissa / olora: principal directions of W (the saved adapter is
     # converted to a plain rank-2r LoRA of the original base, as PEFT's weight conversion does).
     init: Literal["kaiming", "pissa", "olora"] = "kaiming"
+    # PEFT's per-module rank and alpha: {regex: value}; the first key that matches the end of a
+    # module's name at a '.' boundary wins ("q_proj", "layers\.0\.mlp\..*"); r and alpha elsewhere.
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = {}
+    alpha_pattern: dict[str, float] = {}
+    # PEFT's layer filter for a list of target_modules: only blocks whose index (the number after
+    # `layers_pattern.`, e.g. "layers") is listed. A saved adapter names the chosen modules instead.
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None  # matched as target_modules is
+    # Modules trained in full beside LoRA (a classification head): a trainable copy per adapter,
+    # saved whole under PEFT's modules_to_save. Names match as a suffix of the module name, as in PEFT.
+    modules_to_save: list[str] | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regex_keys(cls, patterns: dict) -> dict:
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"key {key!r} is not a regular expression ({err})") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _layer_filter_as_peft(self):
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform needs target_modules as a list of names (as in PEFT); "
+                             "with a regex, write the layers into the regex")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only says where layers_to_transform reads the index: set layers_to_transform")
+        return self
 
 
 def lr_scale(cfg: Config, name: str, param: torch.Tensor, lr: float) -> float:
@@ -104,8 +139,8 @@ class LoRALinear(nn.Module):
                  dora: bool = False, init: str = "kaiming"):
         super().__init__()
         self.base_layer = base
-        # Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
-        self.fan_in_fan_out = isinstance(base, Conv1D)
+        # Conv1D stores its weight as (in, out): the transpose of nn.Linear's (a quantized Conv1D keeps its layout).
+        self.fan_in_fan_out = isinstance(base, Conv1D) or getattr(base, "fan_in_fan_out", False)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base.weight.shape
         else:  # nn.Linear, or a quantized linear layer (whose weight is computed on demand)
@@ -330,14 +365,60 @@ class LoRAConv2d(LoRALinear):
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)
 
 
-LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+class ModuleToSave(nn.Module):
+    """A module trained in full beside the adapters (a classification head), laid out as PEFT's
+    ModulesToSaveWrapper: the original stays frozen and each adapter trains its own copy, so
+    switching or disabling adapters gives the base module back. A copy of a head tied to the
+    input embeddings is untied from them (PEFT does the same)."""
+
+    merged = False  # a copy has nothing to fold in; lets disabled() treat it like a LoRA layer
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+
+    def add_adapter(self, adapter: str) -> None:
+        self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+        self.active = adapter
+
+    def forward(self, *args, **kwargs):
+        return (self.modules_to_save[self.active] if self.active else self.original_module)(*args, **kwargs)
+
+
+LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d, QuantEmbedding: LoRAEmbedding}
+
+
+def targets(model: nn.Module, cfg: Config) -> list[str]:
+    """The modules the adapter goes on: target_modules, less exclude_modules, within layers_to_transform."""
+    names = find_targets(model, cfg.target_modules, extra=tuple(LAYERS))
+    layers = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
+    kept = [n for n in names if not (cfg.exclude_modules and matches(n, cfg.exclude_modules))
+            and (not layers or layer_index(n, cfg.layers_pattern) in layers)]
+    if not kept:
+        raise ValueError(f"exclude_modules={cfg.exclude_modules!r} and layers_to_transform={cfg.layers_to_transform!r} "
+                         f"leave none of the {len(names)} modules that target_modules {cfg.target_modules!r} matches")
+    return kept
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
     model.requires_grad_(False)
-    args = (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init)
-    for name in find_targets(model, cfg.target_modules, extra=tuple(LAYERS)):
+    for name in find_modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []:
+        module = model.get_submodule(name)
+        if any(getattr(m, "quantized", False) for m in module.modules()):
+            raise ValueError(f"modules_to_save names {name}, which is stored quantized: a module trained in full "
+                             "needs its full-precision weights, so load it unquantized")
+        if not isinstance(module, ModuleToSave):
+            module = ModuleToSave(module)
+            set_module(model, name, module)
+        elif adapter in module.modules_to_save:
+            raise ValueError(f"{name} already has a trained copy for adapter '{adapter}'")
+        module.add_adapter(adapter)
+    for name in targets(model, cfg):
+        args = (pattern_value(cfg.rank_pattern, name, cfg.r), pattern_value(cfg.alpha_pattern, name, cfg.alpha),
+                cfg.dropout, cfg.rslora, cfg.dora, cfg.init)
         layer = model.get_submodule(name)
         if isinstance(layer, LORA_TYPES):
             if adapter in layer.scaling:
@@ -355,6 +436,10 @@ def set_adapter(model: nn.Module, adapter: str) -> None:
     if not any(adapter in m.scaling for _, m in layers):
         names = sorted({a for _, m in layers for a in m.scaling})
         raise ValueError(f"no adapter named '{adapter}'; this model has {names}")
+    for _, m in saved_modules(model):
+        m.active = adapter if adapter in m.modules_to_save else None
+        for name, trained in m.modules_to_save.items():
+            trained.requires_grad_(name == adapter)
     for _, m in layers:
         if m.merged:
             raise RuntimeError("unmerge adapters before switching")
@@ -366,6 +451,12 @@ def set_adapter(model: nn.Module, adapter: str) -> None:
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter; a layer left with none becomes its plain base layer again."""
+    for name, m in saved_modules(model):
+        if adapter in m.modules_to_save:
+            del m.modules_to_save[adapter]
+            m.active = None if m.active == adapter else m.active
+            if not len(m.modules_to_save):
+                set_module(model, name, m.original_module)
     for name, m in lora_layers(model):
         if adapter not in m.scaling:
             continue
@@ -391,39 +482,63 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
 
 
+def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleToSave)]
+
+
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's live tensors under PEFT's names (without the `base_model.model.` prefix)."""
-    return {f"{name}.{k}": t for name, layer in lora_layers(model) if adapter in layer.scaling
-            for k, t in layer.state(adapter).items()}
+    """The adapter's live tensors under PEFT's names (without the `base_model.model.` prefix).
+    A module trained in full is saved under its own name (`score.weight`), as PEFT saves it."""
+    state = {f"{name}.{k}": t for name, layer in lora_layers(model) if adapter in layer.scaling
+             for k, t in layer.state(adapter).items()}
+    state.update({f"{name}.{k}": t for name, m in saved_modules(model) if adapter in m.modules_to_save
+                  for k, t in m.modules_to_save[adapter].state_dict(keep_vars=True).items()})
+    return state
 
 
-def peft_config(cfg: Config, model: nn.Module) -> dict:
+def target_modules(model: nn.Module, adapter: str) -> str | list[str]:
+    """What to save as target_modules so that PEFT and unitune wrap exactly the adapter's layers:
+    their leaf names when those pick out no other layer (the form vLLM reads too), else a regex
+    that names each layer (a subset of blocks, a regex target, layers_to_transform)."""
+    names = {n for n, m in lora_layers(model) if adapter in m.scaling}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if set(find_targets(model, leaves, extra=tuple(LAYERS))) == names:
+        return leaves
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+def peft_config(cfg: Config, model: nn.Module, adapter: str = "default") -> dict:
     layers = lora_layers(model)
+    # PiSSA/OLoRA adapters are saved converted to rank 2r on the original base (see LoRALinear.state)
+    r_times, alpha_times = (2, 2 ** 0.5 if cfg.rslora else 2) if cfg.init != "kaiming" else (1, 1)
     return {
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        # Leaf names, as a list: PEFT and vLLM both read that form.
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+        "r": cfg.r * r_times, "lora_alpha": cfg.alpha * alpha_times, "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora, "target_modules": target_modules(model, adapter),
+        "rank_pattern": {k: v * r_times for k, v in cfg.rank_pattern.items()},
+        "alpha_pattern": {k: v * alpha_times for k, v in cfg.alpha_pattern.items()},
+        "modules_to_save": cfg.modules_to_save,
         "bias": "none", "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         "init_lora_weights": True, "use_dora": cfg.dora,
-        # PiSSA/OLoRA adapters are saved converted to rank 2r on the original base (see LoRALinear.state)
-        **({"r": 2 * cfg.r, "lora_alpha": cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)} if cfg.init != "kaiming" else {}),
     }
 
 
 def config_from_peft(raw: dict, where) -> Config:
-    for unsupported in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
-        if raw.get(unsupported):
-            raise ValueError(f"{where}: adapter_config.json sets '{unsupported}', which unitune cannot load yet")
-    return Config(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                  target_modules=raw["target_modules"], rslora=raw.get("use_rslora", False),
-                  dora=bool(raw.get("use_dora", False)))
+    try:
+        return Config(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                      target_modules=raw["target_modules"], rslora=raw.get("use_rslora", False),
+                      dora=bool(raw.get("use_dora", False)), rank_pattern=raw.get("rank_pattern") or {},
+                      alpha_pattern=raw.get("alpha_pattern") or {}, layers_to_transform=raw.get("layers_to_transform"),
+                      layers_pattern=raw.get("layers_pattern"), exclude_modules=raw.get("exclude_modules"),
+                      modules_to_save=raw.get("modules_to_save"))
+    except ValidationError as err:
+        raise ValueError(f"{where}: adapter_config.json is not a LoRA config unitune can load: {err}") from None
 
 
 class disabled:
     """Context manager: run the base model with every adapter switched off (no second copy)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for _, m in lora_layers(model)]
+        self.layers = [m for _, m in lora_layers(model) + saved_modules(model)]
 
     def __enter__(self):
         self.saved = [m.active for m in self.layers]
@@ -445,13 +560,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, layer in lora_layers(model):
-        if isinstance(layer, LoRAEmbedding) and head is not None and head.weight is layer.base_layer.weight:
+        if isinstance(layer, LoRAEmbedding) and getattr(head, "weight", None) is layer.base_layer.weight:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-            model.config.tie_word_embeddings = False
-            if hasattr(model.config, "get_text_config"):
-                model.config.get_text_config().tie_word_embeddings = False
+            _untie(model)
         if getattr(layer.base_layer, "quantized", False):  # QLoRA: merge into the dequantized weight
             layer.base_layer = layer.base_layer.to_linear()
         layer.merge()
         set_module(model, name, layer.base_layer)
+    for name, m in saved_modules(model):  # the trained copy takes the original's place
+        if m is head or (hasattr(model, "get_input_embeddings") and m is model.get_input_embeddings()):
+            _untie(model)  # the copy has its own weight: a saved tie would put the original back
+        set_module(model, name, m.modules_to_save[m.active] if m.active else m.original_module)
     return model
+
+
+def _untie(model: nn.Module) -> None:
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False

@@ -7,7 +7,8 @@ quantize_blockwise). Double quantisation stores the block maxima minus their mea
 codes, in blocks of 256 with one fp32 scale each. An NF4 weight then costs
 4 + 8/64 + 32/(64*256) ≈ 4.13 bits, 0.26x its bf16 size; an 8-bit one 8.13 bits, 0.51x. The
 same buffers feed bitsandbytes' CUDA kernel for NF4 where it is installed; elsewhere the weight
-is dequantized per use.
+is dequantized per use. Block sizes are those bitsandbytes accepts (its functional.quantize_4bit:
+32 to 4096, powers of two; quantize_blockwise, the 8-bit one: 64 and up), so the layout stays theirs.
 """
 from __future__ import annotations
 
@@ -55,15 +56,37 @@ def _byte_levels(device: torch.device) -> torch.Tensor:
     return torch.stack([NF4_LEVELS[byte >> 4], NF4_LEVELS[byte & 0xF]], dim=1).to(device)
 
 
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit
+INT8_BLOCKSIZES = NF4_BLOCKSIZES[1:]  # its quantize_blockwise
+_CHUNK = 1 << 22  # weights quantized at a time: the float temporaries stay ~16 MB whatever the layer
+
+
 def _blockwise(flat: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-level codes of each block scaled by its absmax, and the absmaxes (a short last block allowed)."""
-    full = flat.numel() - flat.numel() % blocksize
-    absmax = flat[:full].view(-1, blocksize).abs().amax(1)
-    if full < flat.numel():
-        absmax = torch.cat([absmax, flat[full:].abs().amax()[None]])
-    scaled = _scale_blocks_(flat.clone(), 1.0 / absmax.clamp(min=1e-38), blocksize).clamp(-1, 1)
+    """Nearest-level codes of each block scaled by its absmax, two to a byte for the 16 NF4 levels,
+    and the absmaxes (a short last block allowed).
+
+    Chunk by chunk into outputs allocated first: on a whole 7B embedding table the fp32 copy and
+    the int32 codes would be 1 GB beside the weight, and the loader quantizes as it reads precisely
+    to never hold that; temporaries freed above the results also let the heap shrink back."""
+    n, per_byte = flat.numel(), 2 if levels.numel() == 16 else 1
+    codes = torch.empty(-(-n // per_byte), dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
     bounds = ((levels[:-1] + levels[1:]) / 2).to(flat.device)
-    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+    step = blocksize * max(1, _CHUNK // blocksize)  # whole blocks, an even count of weights
+    for start in range(0, n, step):
+        chunk = flat[start:start + step].to(torch.float32, copy=True)
+        full = chunk.numel() - chunk.numel() % blocksize
+        scale = absmax[start // blocksize:-(-(start + chunk.numel()) // blocksize)]
+        torch.amax(chunk[:full].view(-1, blocksize).abs(), 1, out=scale[:full // blocksize])
+        if full < chunk.numel():
+            scale[-1] = chunk[full:].abs().amax()
+        scaled = _scale_blocks_(chunk, 1.0 / scale.clamp(min=1e-38), blocksize).clamp_(-1, 1)
+        code = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+        if per_byte == 2:  # the first weight of each pair in the high nibble, as bitsandbytes packs them
+            code = F.pad(code, (0, code.numel() % 2))
+            code = (code[::2] << 4) | code[1::2]
+        codes[start // per_byte:start // per_byte + code.numel()] = code
+    return codes, absmax
 
 
 @functools.cache
@@ -75,27 +98,24 @@ def _bitsandbytes():
     return F4
 
 
-class QuantLinear(nn.Module):
-    """A frozen linear layer stored in NF4 (bits=4) or 8 bits; computes in the dtype of its input.
+class QuantWeight(nn.Module):
+    """A frozen weight matrix stored in NF4 (bits=4) or 8 bits: what QuantLinear and QuantEmbedding hold.
 
-    Forward and backward dequantize the weight on the fly and keep nothing but the codes between
-    them, so the saved activations are the input only, as with bitsandbytes' Linear4bit.
+    Used as a matrix, it dequantizes on the fly in forward and again in backward and keeps nothing
+    but the codes between them, so the saved activations are the input only, as with
+    bitsandbytes' Linear4bit.
     """
 
     quantized = True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True,
-                 bits: int = 4):
+    def __init__(self, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, bits: int = 4):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (NF4) or 8, not {bits}")
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.double_quant, self.bits = blocksize, double_quant, bits
-        self.compute_dtype = weight.dtype  # what an embedding lookup returns; a linear computes in its input's
-        codes, absmax = _blockwise(weight.detach().float().reshape(-1), self.levels(), blocksize)
-        if bits == 4:
-            codes = F.pad(codes, (0, codes.numel() % 2))
-            codes = (codes[::2] << 4) | codes[1::2]
+        self.compute_dtype = weight.dtype  # what an embedding lookup returns; a matmul computes in its input's
+        codes, absmax = _blockwise(weight.detach().reshape(-1), self.levels(), blocksize)
         self.register_buffer("packed", codes)
         if double_quant:  # absmax - mean in 8 bits, blocks of 256 (bitsandbytes' compress_statistics)
             offset = absmax.mean()
@@ -105,7 +125,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("offset", offset.reshape(()))
         else:
             self.register_buffer("absmax", absmax)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def block_absmax(self) -> torch.Tensor:
         if not self.double_quant:
@@ -129,6 +148,7 @@ class QuantLinear(nn.Module):
         return NF4_LEVELS if self.bits == 4 else dynamic_map()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out_features, in_features) matrix."""
         if self.packed.is_cuda and self.bits == 4 and _bitsandbytes() is not None:
             return self.dequantize_bnb(dtype)
         return self.dequantize_torch(dtype)
@@ -158,18 +178,6 @@ class QuantLinear(nn.Module):
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantMatmul.apply(x, self, self.bias)
-
-    def to_linear(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device,
-                        dtype=self.compute_dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.dequantize())
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
-
     def extra_repr(self) -> str:
         kind = "nf4" if self.bits == 4 else "int8"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
@@ -189,20 +197,67 @@ class _QuantMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantize(grad.dtype), None, None
 
 
-class QuantEmbedding(QuantLinear):
+class QuantLinear(QuantWeight):
+    """A frozen nn.Linear or GPT-2 Conv1D stored in NF4 or 8 bits; computes in the dtype of its input.
+
+    It stands in for the layer it replaced: a Conv1D's keeps `fan_in_fan_out` and shows its weight
+    as Conv1D does, (in, out), so LoRA over it does the same arithmetic as over the Conv1D (DoRA's
+    row norms, merging), and it dequantizes back to a Conv1D that GPT-2 saves and reloads.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True,
+                 bits: int = 4, fan_in_fan_out: bool = False):
+        super().__init__(weight.T if fan_in_fan_out else weight, blocksize, double_quant, bits)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, blocksize: int = 64, double_quant: bool = True, bits: int = 4) -> QuantLinear:
+        """An nn.Linear or Conv1D, quantized."""
+        from transformers.pytorch_utils import Conv1D
+
+        return cls(layer.weight, layer.bias, blocksize, double_quant, bits, fan_in_fan_out=isinstance(layer, Conv1D))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the replaced layer's layout (a new tensor: writing to it changes nothing)."""
+        w = self.dequantize()
+        return w.T if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantMatmul.apply(x, self, self.bias)
+
+    def to_linear(self) -> nn.Module:
+        """The full-precision layer back: an nn.Linear, or the Conv1D it was."""
+        from transformers.pytorch_utils import Conv1D
+
+        out = (Conv1D(self.out_features, self.in_features) if self.fan_in_fan_out
+               else nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
+        out = out.to(self.packed.device, self.compute_dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+
+class QuantEmbedding(QuantWeight):
     """A frozen embedding table in NF4 or 8 bits. Given token ids it returns their rows
     (dequantizing only those); given hidden states it is the tied output head (logits against every row)."""
 
     def __init__(self, base: nn.Embedding, blocksize: int = 64, double_quant: bool = True, bits: int = 4):
-        super().__init__(base.weight, None, blocksize, double_quant, bits)
+        super().__init__(base.weight, blocksize, double_quant, bits)
         self.num_embeddings, self.embedding_dim, self.padding_idx = *base.weight.shape, base.padding_idx
+        # nn.Embedding's lookup options, as the table had them: a LoRA on this table looks its own rows up with them
+        self.max_norm, self.norm_type = base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
         scale = getattr(base, "embed_scale", None)  # Gemma scales embeddings on lookup
         self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point():
-            return super().forward(x)
+            return _QuantMatmul.apply(x, self, None)
         rows = self.lookup(x).to(self.compute_dtype)
         return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
 
@@ -238,41 +293,6 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
 
 
-def quantize_embeddings(model: nn.Module, blocksize: int = 64, double_quant: bool = True, bits: int = 4) -> list[str]:
-    """Store the input embedding table in NF4 or 8 bits, and the output head with it: one table if
-    the two are tied, else the head as a QuantLinear. Returns the names replaced ([] for models without
-    transformers' embedding accessors, or an embedding subclass whose lookup we do not know)."""
-    from unitune.methods.targets import set_module
-
-    if not hasattr(model, "get_input_embeddings"):
-        return []
-    emb = model.get_input_embeddings()
-    emb = getattr(emb, "base_layer", emb)  # a LoRA-wrapped embedding: quantize what it wraps
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(emb, nn.Embedding) or (type(emb) is not nn.Embedding and not hasattr(emb, "embed_scale")):
-        return []
-    where = lambda mod: [n for n, m in model.named_modules(remove_duplicate=False) if m is mod]  # noqa: E731
-    emb_names, head_names = where(emb), where(head) if isinstance(head, nn.Linear) else []
-    table = QuantEmbedding(emb, blocksize, double_quant, bits)
-    for name in emb_names:
-        set_module(model, name, table)
-    if head_names:
-        tied = head.weight is emb.weight
-        quantized_head = table if tied else QuantLinear(head.weight, head.bias, blocksize, double_quant, bits)
-        for name in head_names:
-            set_module(model, name, quantized_head)
-    return emb_names + head_names
-
-
-def quantize_model(model: nn.Module, skip: set[str], blocksize: int = 64, double_quant: bool = True) -> int:
-    """Replace every nn.Linear / GPT-2 Conv1D outside `skip` with an NF4 QuantLinear; returns how many."""
-    from transformers.pytorch_utils import Conv1D
-
-    from unitune.methods.targets import set_module
-
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in skip]
-    for name in names:
-        layer = model.get_submodule(name)
-        weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
-        set_module(model, name, QuantLinear(weight, layer.bias, blocksize, double_quant))
-    return len(names)
+def quantizable_embedding(emb: nn.Module) -> bool:
+    """An nn.Embedding whose lookup QuantEmbedding reproduces: plain, or scaled as Gemma's."""
+    return isinstance(emb, nn.Embedding) and (type(emb) is nn.Embedding or hasattr(emb, "embed_scale"))

@@ -3,7 +3,8 @@
 Matching follows PEFT so an adapter_config.json means the same thing to both tools:
 a string is a regular expression that must match the whole module name; a list matches a
 module whose name equals an entry or ends with '.' + entry; 'all-linear' is every linear
-layer except the output projection (the LM head).
+layer except the output projection (the LM head). The per-module patterns, the layer filter and
+modules_to_save read names as PEFT 0.21 does too (each function names its PEFT counterpart).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+from unitune.methods.quant import QuantLinear
+
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)  # QLoRA's base layers are quantized before LoRA wraps them
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
@@ -36,7 +39,9 @@ def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, 
     """
     skip = output_layer_names(model)
     wrappers = {n for n, m in model.named_modules() if hasattr(m, "base_layer")}
-    inside = lambda n: any(n.startswith(w + ".") for w in wrappers)  # noqa: E731
+    # a module trained in full (modules_to_save) is never also a target, as in PEFT
+    copies = {n for n, m in model.named_modules() if hasattr(m, "original_module")}
+    inside = lambda n: any(n.startswith(w + ".") for w in wrappers | copies)  # noqa: E731
     linear = [n for n, m in model.named_modules()
               if (n in wrappers or isinstance(m, LINEAR_TYPES)) and n not in skip and not inside(n)]
     others = [n for n, m in model.named_modules() if extra and isinstance(m, extra) and not inside(n)]
@@ -47,6 +52,38 @@ def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, 
             f"target_modules {targets!r} matches no layer this method can wrap; "
             f"this model's candidates are named: {', '.join(leaves)}" + (" (or use 'all-linear')" if linear else "")
         )
+    return found
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the first key (a regex) that matches the end of `name` at a '.' boundary, else
+    `default`: PEFT's get_pattern_key, which rank_pattern and alpha_pattern go through."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The block index PEFT's layers_to_transform reads from a module name: the number after
+    `<layers_pattern>.`, or after the second name segment when no pattern is given. The first such
+    number, lazily matched, so a MoE expert's index (`layers.1.experts.0.`) is not taken for it."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(found["idx"]) if found else None
+
+
+def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Modules that `modules_to_save` names, outermost only: PEFT wraps every module whose name ends
+    with an entry, as a plain suffix (so 'score' is also 'model.score'). An error if none does."""
+    wrappers = [n for n, m in model.named_modules() if hasattr(m, "base_layer")]
+    found: list[str] = []
+    for n, _ in model.named_modules():
+        if n and any(n.endswith(k) for k in names) and not any(n.startswith(f + ".") for f in found + wrappers):
+            found.append(n)
+    if not found:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ValueError(f"modules_to_save {names} matches no module of this model; its top-level modules are: {top}")
     return found
 
 

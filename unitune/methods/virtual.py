@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from unitune.objectives.sft import backbone
+from unitune.models.heads import backbone
 
 
 def dims(model: nn.Module) -> dict:

@@ -6,15 +6,21 @@ writes a plain safetensors copy to a cache directory and every later load reads 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
+from unitune import atomic
 from unitune.config import ModelConfig
 from unitune.models.builtin import BUILTINS, resolve
 
@@ -63,27 +69,34 @@ def _locate(cfg: ModelConfig) -> tuple[Path, str | None]:
 
 
 def _gguf_cache(folder: Path, gguf: str) -> Path:
-    """Dequantize a GGUF model once into a plain safetensors directory and return it."""
+    """Dequantize a GGUF model once into a plain safetensors directory and return it.
+
+    Keyed by the file's content, so a replaced file never reads a stale copy; a lock file makes a
+    second process that starts while the first converts wait for it and reuse its result.
+    """
     src = folder / gguf
-    stat = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    with src.open("rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     out = cache_root() / "gguf" / f"{src.stem}-{key}"
     if (out / "config.json").is_file():
         return out
-    print(f"unitune: converting {src.name} from GGUF to safetensors once (cached in {out})", flush=True)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    config = quant.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quant.state_dict())
-    plain.generation_config = quant.generation_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a crash never leaves a half-written cache
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (out / "config.json").is_file():  # another process converted it while we waited
+            return out
+        print(f"unitune: converting {src.name} from GGUF to safetensors once (cached in {out})", flush=True)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        config = quant.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quant.state_dict())
+        plain.generation_config = quant.generation_config
+        with atomic.directory(out) as tmp:  # a kill mid-conversion never leaves a half-written cache
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return out
 
 
@@ -117,7 +130,16 @@ def load_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedModel:
+# A method's quantizer (qlora.layer_quantizer): given the empty model, the function that takes a
+# layer's name and the layer with its full-precision weights and returns what goes in its place.
+LayerQuantizer = Callable[[nn.Module], Callable[[str, nn.Module], nn.Module]]
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", quantize: LayerQuantizer | None = None
+               ) -> LoadedModel:
+    """The recipe's model and tokenizer. With `quantize`, the weights stream from the safetensors files
+    into the empty model one layer at a time and each layer is quantized as soon as it is read, so
+    memory peaks near the quantized model's size, never at the full-precision model's."""
     folder, gguf = _locate(cfg)
     path = _gguf_cache(folder, gguf) if gguf else folder
     dtype = DTYPES.get(cfg.dtype, torch.float32)  # "auto": fp32 master weights; autocast does the rest
@@ -125,8 +147,120 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedMo
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = _load_quantized(path, cfg, dtype, torch.device(device), quantize) if quantize else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     tok = load_tokenizer(path, cfg)
     model.generation_config.eos_token_id = end_of_turn_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model.to(device), tok, str(folder / gguf) if gguf else str(folder))
+
+
+def _load_quantized(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    quantize: LayerQuantizer) -> PreTrainedModel | None:
+    """The model built empty (parameters on the meta device) and filled from its safetensors files a layer
+    at a time: each layer's own tensors are read, cast and put on `device`, the layer goes through the
+    quantizer, and its full-precision copy is dropped before the next is read. A tied embedding and head
+    are one step, so the shared table is read once. None, after a notice, where this cannot give what
+    from_pretrained gives: no safetensors files, a pre-quantized checkpoint, or tensor names transformers
+    would have to rename."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    files = _safetensors_files(path)
+    why = ("it has no model.safetensors (or index)" if not files else
+           "it is a pre-quantized checkpoint" if getattr(config, "quantization_config", None) else None)
+    tensors = None if why else _Safetensors(files)
+    if tensors is not None:
+        with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model.tie_weights()  # the meta parameters come untied
+        names: dict[int, tuple[nn.Parameter, list[str]]] = {}  # every name of each parameter (tied: several)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), (p, []))[1].append(name)
+        missing = [ns[0] for _, ns in names.values() if not any(n in tensors for n in ns)]
+        why = f"its tensor names are not the model's ({missing[0]} is missing)" if missing else None
+    if why:
+        print(f"unitune: {path}: {why}; loading the whole model at full precision, then quantizing", flush=True)
+        return None
+    layer = quantize(model)
+    holders: dict[int, list[str]] = {}  # id(meta parameter) -> the modules holding it
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
+    done: set[str] = set()
+    for name in [n for n, m in model.named_modules() if _own_tensors(m)]:
+        if name in done:
+            continue
+        first = model.get_submodule(name)
+        group = list(dict.fromkeys([name, *(h for p in first._parameters.values() if p is not None
+                                           for h in holders[id(p)])]))
+        done.update(group)
+        fresh: dict[int, nn.Parameter] = {}
+        empty = {member: dict(model.get_submodule(member)._parameters) for member in group}
+        for member in group:
+            module = model.get_submodule(member)
+            for key, p in empty[member].items():
+                if p is not None:
+                    if id(p) not in fresh:
+                        t = tensors.read(next(n for n in names[id(p)][1] if n in tensors))
+                        fresh[id(p)] = nn.Parameter(t.to(device, dtype if t.is_floating_point() else t.dtype),
+                                                    requires_grad=p.requires_grad)
+                    module._parameters[key] = fresh[id(p)]
+            for key in _own_tensors(module) - module._parameters.keys():  # persistent buffers the files hold
+                if f"{member}.{key}" in tensors:
+                    module._buffers[key] = tensors.read(f"{member}.{key}").to(device)
+        for member in group:
+            module = model.get_submodule(member)
+            if (stored := layer(member, module)) is not module:
+                model.set_submodule(member, stored)
+                module._parameters.update(empty[member])  # whoever still holds it (the quantizer) holds no weights
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_config's defaults, as from_pretrained keeps them
+        pass
+    return model.eval()
+
+
+def _own_tensors(module: nn.Module) -> set[str]:
+    """The names of a module's own parameters and persistent buffers (what a checkpoint holds of it)."""
+    return ({k for k, p in module._parameters.items() if p is not None}
+            | {k for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set})
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+class _Safetensors:
+    """The tensors of safetensors files, each read on demand with plain file reads. safe_open maps the
+    file instead, and every page read stays in this process's RSS until the file is closed: a whole
+    5 GB shard of a 7B model, the memory that loading layer by layer is there to save."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for file in files:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")  # the format: u64 header length, JSON header, data
+                header = json.loads(f.read(size))
+            # a dtype not listed (fp8, ...) counts as missing: from_pretrained loads that checkpoint instead
+            self.where.update({k: (file, 8 + size, v) for k, v in header.items()
+                               if k != "__metadata__" and v["dtype"] in self.DTYPES})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def read(self, key: str) -> torch.Tensor:
+        file, start, entry = self.where[key]
+        begin, end = entry["data_offsets"]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with file.open("rb") as f:
+            f.seek(start + begin)
+            f.readinto(memoryview(data.numpy()))
+        return data.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])

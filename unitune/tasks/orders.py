@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from unitune import atomic
+
 FIRST = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Giulia", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
          "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Victor", "Wen", "Yara", "Zoe"]
 LAST = ["Brown", "Okafor", "Rossi", "Tanaka", "Silva", "Novak", "Haddad", "Larsen", "Moreau", "Kaur", "Weber",
@@ -68,7 +70,5 @@ def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 
     rng = random.Random(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         rows = [make_row(rng, held_out=split == "val") for _ in range(n)]
-        tmp = out / f".{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.rename(out / f"{split}.jsonl")
+        atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return out
