@@ -233,6 +233,8 @@ def test_chat_streams_replies(tiny_llama, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "lora", "dora": True, "loraplus_lr_ratio": 4},
+                                    {"name": "lora", "target_modules": ["embed_tokens", "q_proj"]},
+                                    {"name": "qlora", "target_modules": ["embed_tokens", "q_proj"]},
                                     {"name": "bitfit"}, {"name": "layernorm"}, {"name": "partial", "last_n_blocks": 1}])
 def test_every_method_trains_end_to_end(tiny_recipe, tmp_path, method, request):
     recipe = {**tiny_recipe, "method": method, "eval": {"generate": 0}, "train": {**tiny_recipe["train"], "steps": 3}}
@@ -241,8 +243,9 @@ def test_every_method_trains_end_to_end(tiny_recipe, tmp_path, method, request):
     run = unitune.train(recipe)
     assert run.metrics["val_loss"] != run.before["val_loss"]
     assert 0 < run.params["trainable"] < run.params["total"]
-    if method["name"] in ("ia3", "lora"):
-        assert json.loads((run.output / "adapter_config.json").read_text())["peft_type"] == method["name"].upper()
+    if method["name"] in ("ia3", "lora", "qlora"):
+        peft_type = "LORA" if method["name"] == "qlora" else method["name"].upper()
+        assert json.loads((run.output / "adapter_config.json").read_text())["peft_type"] == peft_type
         tuned = unitune.load_run_or_model(run.dir).model.eval()
         merged = unitune.merge(run.dir, tmp_path / "merged")
         x = torch.randint(3, 300, (1, 9))

@@ -10,7 +10,7 @@ import traceback
 def _train(args) -> None:
     from unitune import api
 
-    api.train(args.recipe, args.overrides, resume=args.resume)
+    api.train(args.recipe, args.overrides, resume=args.resume, force=args.force)
 
 
 def _eval(args) -> None:
@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     t.add_argument("--resume", action="store_true", help="continue the latest run of this recipe from its last checkpoint")
+    t.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the recipe or the data changed (the result will not "
+                        "equal an uninterrupted run)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="validation loss, perplexity and answer match: base model, and a run beside it",

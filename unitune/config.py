@@ -45,6 +45,7 @@ class DataConfig(Section):
     # rows over max_length: prompt cuts the oldest context and keeps the final answer with its end-of-turn
     # token (right-cut answers teach a model not to stop); drop drops them; right keeps their beginning
     truncation: Literal["prompt", "drop", "right"] = "prompt"
+    nothing_to_learn: Literal["error", "skip"] = "error"  # rows without an answer: stop at the first, or count and skip
     packing: bool = True  # several examples per row, no attention across their boundary
     loss_on: Literal["assistant", "all"] = "assistant"
     system_prompt: str | None = None

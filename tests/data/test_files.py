@@ -72,3 +72,16 @@ def test_validation_split_from_ratio(orders_data, tokenizer):
     cut = max(len(e.input_ids) for e in a.train) - 5
     short = build_data(cfg.model_copy(update={"max_length": cut}), tokenizer, 0)
     assert short.stats["truncated"] > 0 and all(len(e.input_ids) <= cut for e in short.train)
+
+
+def test_rows_with_nothing_to_learn_stop_the_run_or_are_skipped(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Hi"}]},  # no answer
+            {"instruction": "Say hi", "output": ""},
+            {"instruction": "Say hi", "output": "hi"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{path}:2: .*no assistant message.*data.nothing_to_learn=skip"):
+        build_data(DataConfig(train=str(path)), tokenizer, 0)
+    data = build_data(DataConfig(train=str(path), nothing_to_learn="skip"), tokenizer, 0)
+    assert len(data.train) == 2 and data.stats["skipped_nothing_to_learn"] == 2

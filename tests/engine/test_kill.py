@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import unitune
+from unitune.cli import main
 from unitune.config import RecipeError
 from unitune.engine import checkpoint
 
@@ -132,13 +133,18 @@ def _run_with_checkpoints(tiny_recipe) -> dict:
     return recipe
 
 
-def test_resume_refuses_a_changed_trajectory_unless_forced(tiny_recipe):
+def test_resume_refuses_a_changed_trajectory_unless_forced(tiny_recipe, tmp_path, capsys):
     recipe = _run_with_checkpoints(tiny_recipe)
     with pytest.raises(RecipeError, match=r"train\.lr: 0\.01 -> 0\.02.*--force"):
         unitune.train(recipe, ["train.lr=0.02"], resume=True)
     unitune.train(recipe, ["train.log_every=2", "eval.generate=0"], resume=True)  # what is logged: fine
-    run = unitune.train(recipe, ["train.lr=0.02"], resume=True, force=True)
-    assert yaml.safe_load((run.dir / "recipe.yaml").read_text())["train"]["lr"] == 0.02
+    recipe_file = tmp_path / "changed.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(recipe_file), "train.lr=0.02", "--resume"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["train", str(recipe_file), "train.lr=0.02", "--resume", "--force"]) == 0
+    run_dir = Path(recipe["output"]["dir"]) / recipe["output"]["name"]
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["lr"] == 0.02
 
 
 def test_resume_refuses_changed_data_unless_forced(tiny_recipe, tmp_path):

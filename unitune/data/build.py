@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig
 from unitune.data.files import DataError, read_rows
-from unitune.data.formats import template_roles, to_sample
+from unitune.data.formats import NothingToLearn, template_roles, to_sample
 from unitune.data.packing import collate, group_by_length, pack
 from unitune.data.tokenize import Example, tokenize_sample
 
@@ -37,11 +37,20 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stat
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
     roles = template_roles(tok)
-    examples = [tokenize_sample(tok, to_sample(r, cfg.format, cfg.system_prompt, roles), cfg.max_length, cfg.loss_on,
-                                 cfg.truncation) for r in rows]
+    examples, skipped = [], 0
+    for r in rows:
+        try:
+            sample = to_sample(r, cfg.format, cfg.system_prompt, roles)
+        except NothingToLearn as err:
+            if cfg.nothing_to_learn == "error":
+                raise DataError(f"{err} (or set data.nothing_to_learn=skip)") from None
+            skipped += 1
+            continue
+        examples.append(tokenize_sample(tok, sample, cfg.max_length, cfg.loss_on, cfg.truncation))
     fitting = [e for e in examples if e is not None]  # None: too long, dropped by data.truncation
     kept = [e for e in fitting if e.n_loss > 0]
     stats["rows"] = stats.get("rows", 0) + len(rows)
+    stats["skipped_nothing_to_learn"] = stats.get("skipped_nothing_to_learn", 0) + skipped
     stats["truncated"] = stats.get("truncated", 0) + sum(e.truncated for e in fitting)
     stats["dropped_too_long"] = stats.get("dropped_too_long", 0) + len(examples) - len(fitting)
     stats["dropped_no_loss_tokens"] = stats.get("dropped_no_loss_tokens", 0) + len(fitting) - len(kept)

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from unitune.data.files import DataError, Row
 
+
+class NothingToLearn(DataError):
+    """A row that would teach nothing (no or empty answer): an error, or skipped with data.nothing_to_learn=skip."""
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -122,7 +126,7 @@ def _instruction(row: Row, system: str | None, roles: frozenset[str]) -> Sample:
         prompt = f"{prompt}\n\n{extra}"
     output = _str(row, "output")
     if not output.strip():
-        raise DataError(f"{row.where}: 'output' is empty, so there is nothing to learn; write the answer or drop the row")
+        raise NothingToLearn(f"{row.where}: 'output' is empty, so there is nothing to learn; write the answer or drop the row")
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return Sample(_with_system(row, messages, _str(row, "system", required=False) or system, roles), None, row.where)
 
@@ -195,11 +199,11 @@ def _chat(row: Row, system: str | None, roles: frozenset[str]) -> Sample:
                             "{\"role\": ..., \"content\": ...}")
         role, content = _role(row, i, turn, roles), _content(row, i, turn)
         if role == "assistant" and not content.strip():
-            raise DataError(f"{row.where}: message {i} is an empty assistant turn, which would teach the model to "
+            raise NothingToLearn(f"{row.where}: message {i} is an empty assistant turn, which would teach the model to "
                             "answer with nothing; write the answer or drop the turn")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{row.where}: the conversation has no assistant message to learn from; add the answer "
+        raise NothingToLearn(f"{row.where}: the conversation has no assistant message to learn from; add the answer "
                         "or drop the row")
     return Sample(_with_system(row, messages, system, roles), None, row.where)
 
@@ -207,7 +211,7 @@ def _chat(row: Row, system: str | None, roles: frozenset[str]) -> Sample:
 def _plain(row: Row, system: str | None, roles: frozenset[str]) -> Sample:
     text = _str(row, "text")
     if not text.strip():
-        raise DataError(f"{row.where}: 'text' is empty; write the document or drop the row")
+        raise NothingToLearn(f"{row.where}: 'text' is empty; write the document or drop the row")
     return Sample(None, text, row.where)
 
 

@@ -24,3 +24,14 @@ def tune_cpu_allocator(threshold: int = 1 << 20) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed heap blocks back to the system (glibc's malloc_trim). glibc keeps them,
+    so tensors of a few MiB allocated and freed in turn, as when a model is quantized layer by layer
+    while it loads, add up in RSS as if alive: measured 2.3 GiB instead of 1.4 for a 1B Llama."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

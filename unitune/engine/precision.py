@@ -17,7 +17,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+        raise ValueError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
     return device
 
 

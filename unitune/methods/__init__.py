@@ -23,7 +23,7 @@ def method_config(data: dict):
     if not isinstance(data, dict):
         raise RecipeError(f"recipe key 'method': expected a mapping with a 'name', got {data!r}")
     name = data.get("name", "lora")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise RecipeError(f"unknown method '{name}': valid methods: {', '.join(METHODS)}")
     return validate_section(METHODS[name].Config, {**data, "name": name}, "method")
 

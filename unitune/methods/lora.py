@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from unitune.config import Section
-from unitune.methods.quant import QuantEmbedding
+from unitune.methods.quant import QuantEmbedding, dequantize_model
 from unitune.methods.targets import (find_modules_to_save, find_targets, layer_index, matches, pattern_value,
                                      set_module)
 
@@ -558,13 +558,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     An embedding tied to the LM head (SmolLM2, Gemma, ...) is untied first: the update belongs to
     the input embeddings only, and folding it into a shared weight would change the head too.
     """
+    model = dequantize_model(model)  # QLoRA: merge into the dequantized weights (a quantized tied table, tied)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, layer in lora_layers(model):
         if isinstance(layer, LoRAEmbedding) and getattr(head, "weight", None) is layer.base_layer.weight:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
             _untie(model)
-        if getattr(layer.base_layer, "quantized", False):  # QLoRA: merge into the dequantized weight
-            layer.base_layer = layer.base_layer.to_linear()
         layer.merge()
         set_module(model, name, layer.base_layer)
     for name, m in saved_modules(model):  # the trained copy takes the original's place

@@ -74,8 +74,9 @@ def layer_quantizer(cfg: Config, model: nn.Module) -> Callable[[str, nn.Module],
         if layer is head:  # tied to the table: that table; tied to an embedding kept as it is: kept too
             if id(layer.weight) in tables:
                 return tables[id(layer.weight)]
-            tied = getattr(emb, "weight", None) is layer.weight
-            return layer if tied or not isinstance(layer, nn.Linear) else QuantLinear.from_layer(layer, *args, bits=bits)
+            if getattr(emb, "weight", None) is layer.weight or not isinstance(layer, nn.Linear):
+                return layer
+            return QuantLinear.from_layer(layer, *args, bits=bits)
         return QuantLinear.from_layer(layer, *args) if isinstance(layer, (nn.Linear, Conv1D)) else layer
 
     return quantize
@@ -102,26 +103,8 @@ def peft_config(cfg: Config, model: nn.Module) -> dict:
     return lora.peft_config(lora_config(cfg), model)
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Full-precision layers back in place of the NF4 ones (a tied embedding and head tied again)."""
-    plain: dict[int, nn.Module] = {}
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(m, QuantWeight):
-            if id(m) not in plain:
-                plain[id(m)] = m.to_embedding() if isinstance(m, QuantEmbedding) else m.to_linear()
-            set_module(model, name, plain[id(m)])
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Embedding):  # it was the tied table: a Linear over the same weight
-        linear = nn.Linear(head.embedding_dim, head.num_embeddings, bias=False, device=head.weight.device)
-        linear.weight = head.weight
-        model.set_output_embeddings(linear)
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Dequantize the base and fold the adapters in (the result carries the 4-bit rounding). Dequantized
-    first, so LoRA merges into plain layers and unties an embedding it trained from the head."""
-    return lora.merge_and_unload(dequantize_model(model))
+# lora's merge dequantizes a quantized base first; the result carries the 4-bit rounding
+merge_and_unload = lora.merge_and_unload
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -65,9 +66,8 @@ def _blockwise(flat: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tupl
     """Nearest-level codes of each block scaled by its absmax, two to a byte for the 16 NF4 levels,
     and the absmaxes (a short last block allowed).
 
-    Chunk by chunk into outputs allocated first: on a whole 7B embedding table the fp32 copy and
-    the int32 codes would be 1 GB beside the weight, and the loader quantizes as it reads precisely
-    to never hold that; temporaries freed above the results also let the heap shrink back."""
+    Chunk by chunk into outputs allocated once: for a whole 7B embedding table, an fp32 copy and
+    int32 codes would be 1 GB beside the weight, the memory the loader quantizes as it reads to save."""
     n, per_byte = flat.numel(), 2 if levels.numel() == 16 else 1
     codes = torch.empty(-(-n // per_byte), dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
@@ -214,8 +214,6 @@ class QuantLinear(QuantWeight):
     @classmethod
     def from_layer(cls, layer: nn.Module, blocksize: int = 64, double_quant: bool = True, bits: int = 4) -> QuantLinear:
         """An nn.Linear or Conv1D, quantized."""
-        from transformers.pytorch_utils import Conv1D
-
         return cls(layer.weight, layer.bias, blocksize, double_quant, bits, fan_in_fan_out=isinstance(layer, Conv1D))
 
     @property
@@ -229,8 +227,6 @@ class QuantLinear(QuantWeight):
 
     def to_linear(self) -> nn.Module:
         """The full-precision layer back: an nn.Linear, or the Conv1D it was."""
-        from transformers.pytorch_utils import Conv1D
-
         out = (Conv1D(self.out_features, self.in_features) if self.fan_in_fan_out
                else nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
         out = out.to(self.packed.device, self.compute_dtype)
@@ -296,3 +292,19 @@ class ScaledEmbedding(nn.Embedding):
 def quantizable_embedding(emb: nn.Module) -> bool:
     """An nn.Embedding whose lookup QuantEmbedding reproduces: plain, or scaled as Gemma's."""
     return isinstance(emb, nn.Embedding) and (type(emb) is nn.Embedding or hasattr(emb, "embed_scale"))
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Full-precision layers back in place of the quantized ones (a tied embedding and head tied again)."""
+    plain: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, QuantWeight):
+            if id(m) not in plain:
+                plain[id(m)] = m.to_embedding() if isinstance(m, QuantEmbedding) else m.to_linear()
+            model.set_submodule(name, plain[id(m)])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Embedding):  # it was the tied table: a Linear over the same weight
+        linear = nn.Linear(head.embedding_dim, head.num_embeddings, bias=False, device=head.weight.device)
+        linear.weight = head.weight
+        model.set_output_embeddings(linear)
+    return model

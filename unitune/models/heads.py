@@ -60,7 +60,7 @@ def probing(model: nn.Module) -> Iterator[torch.device]:
 
 def probe_ids(model: nn.Module, n: int, stride: int, device: torch.device) -> torch.Tensor:
     """n token ids spread over the vocabulary, made without touching any random generator."""
-    return torch.arange(1, n + 1, device=device) * stride % model.get_input_embeddings().num_embeddings
+    return torch.arange(1, n + 1, device=device) * stride % model.config.get_text_config().vocab_size
 
 
 def tolerance(x: torch.Tensor) -> float:

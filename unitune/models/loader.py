@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 
 from unitune import atomic
 from unitune.config import ModelConfig
+from unitune.engine.memory import release_freed_memory
 from unitune.models.builtin import BUILTINS, resolve
 
 # Used when a tokenizer has no chat template of its own (base models, tiny test tokenizers).
@@ -160,65 +161,68 @@ def _load_quantized(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
                     quantize: LayerQuantizer) -> PreTrainedModel | None:
     """The model built empty (parameters on the meta device) and filled from its safetensors files a layer
     at a time: each layer's own tensors are read, cast and put on `device`, the layer goes through the
-    quantizer, and its full-precision copy is dropped before the next is read. A tied embedding and head
-    are one step, so the shared table is read once. None, after a notice, where this cannot give what
-    from_pretrained gives: no safetensors files, a pre-quantized checkpoint, or tensor names transformers
-    would have to rename."""
+    quantizer, and its full-precision copy is freed before the next is read. None, after a notice, where
+    this cannot give what from_pretrained gives: no safetensors files, a pre-quantized checkpoint, or
+    tensor names transformers would have to rename."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     files = _safetensors_files(path)
-    why = ("it has no model.safetensors (or index)" if not files else
-           "it is a pre-quantized checkpoint" if getattr(config, "quantization_config", None) else None)
-    tensors = None if why else _Safetensors(files)
-    if tensors is not None:
-        with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        model.tie_weights()  # the meta parameters come untied
-        names: dict[int, tuple[nn.Parameter, list[str]]] = {}  # every name of each parameter (tied: several)
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), (p, []))[1].append(name)
-        missing = [ns[0] for _, ns in names.values() if not any(n in tensors for n in ns)]
-        why = f"its tensor names are not the model's ({missing[0]} is missing)" if missing else None
-    if why:
-        print(f"unitune: {path}: {why}; loading the whole model at full precision, then quantizing", flush=True)
-        return None
-    layer = quantize(model)
-    holders: dict[int, list[str]] = {}  # id(meta parameter) -> the modules holding it
-    for name, m in model.named_modules(remove_duplicate=False):
-        for p in m._parameters.values():
-            if p is not None:
-                holders.setdefault(id(p), []).append(name)
-    done: set[str] = set()
+    if not files or getattr(config, "quantization_config", None):
+        return _not_streamed(path, "a pre-quantized checkpoint" if files else "no model.safetensors (or index)")
+    tensors = _Safetensors(files)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    model.tie_weights()  # the meta parameters come untied
+    # id -> each meta parameter (held, so no other object takes its id) and its names (a tied one has several)
+    names: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), (p, []))[1].append(name)
+    if missing := [ns[0] for _, ns in names.values() if not any(n in tensors for n in ns)]:
+        return _not_streamed(path, f"tensor names that are not the model's ({missing[0]} is missing)")
+    layer, done = quantize(model), set()
     for name in [n for n, m in model.named_modules() if _own_tensors(m)]:
         if name in done:
             continue
-        first = model.get_submodule(name)
-        group = list(dict.fromkeys([name, *(h for p in first._parameters.values() if p is not None
-                                           for h in holders[id(p)])]))
+        # with the modules sharing a weight with it (a tied head), so the shared table is read and quantized once
+        shared = model.get_submodule(name)._parameters.values()
+        group = list(dict.fromkeys([name, *(n.rpartition(".")[0] for p in shared if p is not None
+                                            for n in names[id(p)][1])]))
         done.update(group)
-        fresh: dict[int, nn.Parameter] = {}
-        empty = {member: dict(model.get_submodule(member)._parameters) for member in group}
-        for member in group:
-            module = model.get_submodule(member)
-            for key, p in empty[member].items():
-                if p is not None:
-                    if id(p) not in fresh:
-                        t = tensors.read(next(n for n in names[id(p)][1] if n in tensors))
-                        fresh[id(p)] = nn.Parameter(t.to(device, dtype if t.is_floating_point() else t.dtype),
-                                                    requires_grad=p.requires_grad)
-                    module._parameters[key] = fresh[id(p)]
-            for key in _own_tensors(module) - module._parameters.keys():  # persistent buffers the files hold
-                if f"{member}.{key}" in tensors:
-                    module._buffers[key] = tensors.read(f"{member}.{key}").to(device)
-        for member in group:
-            module = model.get_submodule(member)
-            if (stored := layer(member, module)) is not module:
-                model.set_submodule(member, stored)
-                module._parameters.update(empty[member])  # whoever still holds it (the quantizer) holds no weights
+        _load_group(model, group, tensors, names, dtype, device, layer)
+        release_freed_memory()  # else the freed full-precision layers add up in RSS (glibc keeps their pages)
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: from_config's defaults, as from_pretrained keeps them
         pass
     return model.eval()
+
+
+def _not_streamed(path: Path, why: str) -> None:
+    print(f"unitune: {path} has {why}: loading the whole model at full precision, then quantizing it", flush=True)
+
+
+def _load_group(model: nn.Module, group: list[str], tensors: _Safetensors, names: dict, dtype: torch.dtype,
+                device: torch.device, layer: Callable[[str, nn.Module], nn.Module]) -> None:
+    """Read the modules' tensors onto `device` (floats at `dtype`) and put each module through `layer`. A
+    module it replaces gets its meta parameters back: whoever still holds it (the quantizer) holds no weights."""
+    fresh: dict[int, nn.Parameter] = {}
+    empty = {member: dict(model.get_submodule(member)._parameters) for member in group}
+    for member in group:
+        module = model.get_submodule(member)
+        for key, p in empty[member].items():
+            if p is not None:
+                if id(p) not in fresh:
+                    t = tensors.read(next(n for n in names[id(p)][1] if n in tensors))
+                    fresh[id(p)] = nn.Parameter(t.to(device, dtype if t.is_floating_point() else t.dtype),
+                                                requires_grad=p.requires_grad)
+                module._parameters[key] = fresh[id(p)]
+        for key in _own_tensors(module) - module._parameters.keys():  # persistent buffers, where the files hold them
+            if f"{member}.{key}" in tensors:
+                module._buffers[key] = tensors.read(f"{member}.{key}").to(device)
+    for member in group:
+        module = model.get_submodule(member)
+        if (stored := layer(member, module)) is not module:
+            model.set_submodule(member, stored)
+            module._parameters.update(empty[member])
 
 
 def _own_tensors(module: nn.Module) -> set[str]:
