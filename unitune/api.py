@@ -5,10 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import random
 import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
-from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint
+from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
 
@@ -82,23 +83,31 @@ def count_params(model: torch.nn.Module) -> dict:
     return {"trainable": trainable, "total": total}
 
 
+def objective_of(recipe: Recipe):
+    return OBJECTIVES[recipe.objective.name]
+
+
 def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
     seed_everything(recipe.train.seed)
     loaded = load_model(recipe.model, device, layer_quantizer(recipe.method))  # QLoRA: quantized as it loads
-    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
+    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective_of(recipe).example)
     seed_everything(recipe.train.seed)
     loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     return loaded, data
 
 
 def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int, model: torch.nn.Module) -> Batches:
+    objective = objective_of(recipe)
+    if recipe.data.packing and not objective.PACKS:
+        recipe.data.packing = False  # pairs and the like come in padded batches
     if recipe.data.packing and (why := packs_exactly(model)) is not True:
         print(f"unitune: {model.config.model_type} cannot pack exactly ({why}); training on padded batches", flush=True)
         recipe.data.packing = False  # decided once: one notice, and run.recipe says what ran
-    return Batches(examples, batch_size, recipe.data.packing, recipe.data.max_length, pad_id, recipe.train.seed)
+    return Batches(examples, batch_size, recipe.data.packing, recipe.data.max_length, pad_id, recipe.train.seed,
+                   objective.collate)
 
 
-def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, samples_out: list | None = None):
+def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, samples_out: list | None = None):
     """A closure computing every validation metric the recipe's data allows."""
     if not val:
         return None
@@ -106,7 +115,7 @@ def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, sample
     ev = recipe.eval
 
     def evaluate() -> dict:
-        metrics = loss_metrics(loaded.model, batches, recipe.objective.name, recipe.objective.loss_chunk, device, amp)
+        metrics = loss_metrics(loaded.model, batches, objective_of(recipe), recipe.objective, ref, device, amp)
         if ev.generate:
             scores, samples = generation_metrics(loaded.model, loaded.tokenizer, val, ev.generate, ev.max_new_tokens,
                                                  ev.batch_size, ev.temperature)
@@ -174,12 +183,17 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    objective = objective_of(recipe)
+    ref = reference(loaded.model, recipe.method) if getattr(objective, "NEEDS_REF", False) else None
     samples: list[dict] = []
-    evaluate = make_evaluator(recipe, loaded, data.val, device, amp, samples)
+    evaluate = make_evaluator(recipe, loaded, data.val, device, amp, ref, samples)
     batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
-    loss_fn = partial(OBJECTIVES[recipe.objective.name].loss, chunk=recipe.objective.loss_chunk)
-    history = train_loop(loaded.model, loss_fn, batches, recipe.train, run_dir, evaluate, device, amp,
-                         resume=resume, eval_at_start=recipe.eval.before,
+
+    def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
+        return objective.loss(model, batch, recipe.objective, ref)
+
+    history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
+                         amp, resume=resume, eval_at_start=recipe.eval.before,
                          lr_scale=lr_scale(recipe.method, recipe.train.lr))
     run.history = history.records
     evals = [r for r in history.records if r.get("split") == "val"]
@@ -238,11 +252,15 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     amp = resolve_precision(recipe.train.precision, device)
     seed_everything(recipe.train.seed)
     loaded = load_model(recipe.model, device)
-    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed)
+    objective = objective_of(recipe)
+    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective.example)
     val = data.val or data.train
-    results = {"base": make_evaluator(recipe, loaded, val, device, amp)()}
+    # The reference of a preference objective is the base model, for the base and the tuned alike.
+    base = copy.deepcopy(loaded.model).eval() if run and getattr(objective, "NEEDS_REF", False) else loaded.model
+    ref = (lambda: contextlib.nullcontext(base)) if getattr(objective, "NEEDS_REF", False) else None
+    results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref)()}
     if run:
         loaded.model = io.load_adapter(loaded.model, Path(run) / "adapter") if (Path(run) / "adapter").is_dir() \
             else load_run_or_model(run, device).model
-        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp)()
+        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp, ref)()
     return results

@@ -46,7 +46,7 @@ def _prompts(rows, field: str) -> list[list[dict]]:
 
 
 def _generate(args) -> None:
-    from unitune import api
+    from unitune import api, atomic
     from unitune.data.files import read_rows
     from unitune.engine.precision import pick_device
     from unitune.generation import generate
@@ -55,12 +55,12 @@ def _generate(args) -> None:
     rows = read_rows(args.input)
     answers = generate(loaded.model, loaded.tokenizer, _prompts(rows, args.field), args.max_new_tokens,
                        args.temperature, args.top_p, args.batch_size, progress=True)
-    out = open(args.output, "w") if args.output else sys.stdout
-    for row, answer in zip(rows, answers):
-        out.write(json.dumps({**row.data, "generation": answer}) + "\n")
+    text = "".join(json.dumps({**row.data, "generation": answer}) + "\n" for row, answer in zip(rows, answers))
     if args.output:
-        out.close()
+        atomic.write_text(args.output, text)
         print(f"wrote {len(answers)} generations to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
 
 
 def _chat(args) -> None:

@@ -53,11 +53,6 @@ class DataConfig(Section):
     generator: str | None = None  # `module:function` that writes the data files (built-in tasks)
 
 
-class ObjectiveConfig(Section):
-    name: Literal["sft"] = "sft"
-    loss_chunk: int = Field(1024, gt=0)  # tokens per cross-entropy chunk
-
-
 class TrainConfig(Section):
     steps: int | None = Field(None, gt=0)  # optimizer steps; None: `epochs` passes over the data
     epochs: float = Field(1.0, gt=0)
@@ -104,7 +99,7 @@ class Recipe(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     method: Any = None  # the named method's own config class (load_recipe validates it)
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: Any = None  # the named objective's own config class, likewise
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
@@ -159,15 +154,32 @@ def validate_section(schema: type[BaseModel], data: dict, where: str) -> BaseMod
         raise RecipeError(_format(err, where)) from None
 
 
-def _field_type(keys: list[str], method: str) -> Any:
-    """The annotation of the field `section.key` sets (the method's own Config for `method.*`), if known."""
-    from unitune.methods import METHODS
+def plugin_config(section: str, registry: dict, data: Any, default: str) -> BaseModel:
+    """A plug-in section (method, objective) validated by the Config of the module it names."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe key '{section}': expected a mapping with a 'name', got {data!r}")
+    name = data.get("name", default)
+    if not isinstance(name, str) or name not in registry:
+        raise RecipeError(f"unknown {section} '{name}': valid {section}s: {', '.join(registry)}")
+    return validate_section(registry[name].Config, {**data, "name": name}, section)
 
+
+def _plugins() -> dict[str, tuple[str, dict]]:
+    """Sections whose fields belong to the module they name: section -> (default name, registry)."""
+    from unitune.methods import METHODS
+    from unitune.objectives import OBJECTIVES
+
+    return {"method": ("lora", METHODS), "objective": ("sft", OBJECTIVES)}
+
+
+def _field_type(keys: list[str], chosen: dict[str, str]) -> Any:
+    """The annotation of the field `section.key` sets (the chosen module's own Config for a plug-in section)."""
     if len(keys) != 2:
         return None
     section, key = keys
-    if section == "method":
-        schema = getattr(METHODS.get(method), "Config", None)
+    plugins = _plugins()
+    if section in plugins:
+        schema = getattr(plugins[section][1].get(chosen[section]), "Config", None)
     else:
         schema = Recipe.model_fields[section].annotation if section in Recipe.model_fields else None
     fields = getattr(schema, "model_fields", {})
@@ -198,16 +210,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override '{item}' is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
         pairs.append((item, dotted.strip().split("."), raw))
-    # method.* fields belong to the chosen method, which an override may name after them.
-    in_file = data["method"].get("name", "lora") if isinstance(data.get("method"), dict) else "lora"
-    method = next((raw.strip() for _, keys, raw in reversed(pairs) if keys == ["method", "name"]), str(in_file))
+    # method.* and objective.* fields belong to the chosen module, which an override may name after them.
+    chosen = {}
+    for section, (default, _) in _plugins().items():
+        in_file = data[section].get("name", default) if isinstance(data.get(section), dict) else default
+        chosen[section] = next((raw.strip() for _, keys, raw in reversed(pairs) if keys == [section, "name"]),
+                               str(in_file))
     for item, keys, raw in pairs:
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{item}': '{k}' is not a section")
-        node[keys[-1]] = _typed(raw, _field_type(keys, method), item)
+        node[keys[-1]] = _typed(raw, _field_type(keys, chosen), item)
     return data
 
 
@@ -229,11 +244,13 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     else:
         data = copy.deepcopy(dict(source))  # overrides must not edit the caller's nested dicts
     data = apply_overrides(data, list(overrides or []))
-    method = data.pop("method", None)
+    method, objective = data.pop("method", None), data.pop("objective", None)
     recipe = validate_section(Recipe, data, "")
     from unitune.methods import method_config, packs
+    from unitune.objectives import objective_config
 
     recipe.method = method_config(method or {"name": "lora"})
+    recipe.objective = objective_config(objective or {"name": "sft"})
     if recipe.data.packing and not packs(recipe.method):
         raise RecipeError(f"method '{recipe.method.name}' puts virtual tokens before each sequence, which packed rows "
                           "cannot hold (only a row's first sequence would see them): set data.packing=false")

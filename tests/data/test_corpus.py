@@ -14,6 +14,7 @@ from unitune.config import DataConfig
 from unitune.data import DataError, build_data
 from unitune.data.files import read_rows
 from unitune.data.formats import DEFAULT_ROLES, template_roles, to_sample
+from unitune.objectives import sft
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -163,13 +164,13 @@ def test_corpus_file(name, tokenizer, tmp_path):
     cfg = DataConfig(train=str(path), max_length=512)
     verdict = VERDICTS[name]
     if isinstance(verdict, int):
-        bundle = build_data(cfg, tokenizer, 0)
+        bundle = build_data(cfg, tokenizer, 0, sft.example)
         assert bundle.stats["rows"] == verdict and len(bundle.train) == verdict
         assert all(e.n_loss > 0 for e in bundle.train)
         return
     where, todo = verdict
     with pytest.raises(DataError) as err:
-        build_data(cfg, tokenizer, 0)
+        build_data(cfg, tokenizer, 0, sft.example)
     message = str(err.value)
     assert str(path.parent / where) in message and todo in message, message
     assert "\n" not in message
@@ -221,18 +222,18 @@ def test_roles_come_from_the_template(tokenizer, tmp_path, template, roles):
         tool = tmp_path / "tool.jsonl"
         tool.write_text(_jsonl([{"messages": CHAT}, {"messages": [*CHAT, {"role": "tool", "content": "x"}, CHAT[1]]}]))
         if "tool" in roles:
-            assert len(build_data(DataConfig(train=str(tool)), tokenizer, 0).train) == 2
+            assert len(build_data(DataConfig(train=str(tool)), tokenizer, 0, sft.example).train) == 2
         else:
             with pytest.raises(DataError, match=rf"tool.jsonl:2: message 2 has role 'tool'.*it renders {', '.join(sorted(roles))}\)"):
-                build_data(DataConfig(train=str(tool)), tokenizer, 0)
+                build_data(DataConfig(train=str(tool)), tokenizer, 0, sft.example)
         # A system prompt the template would drop is refused, not trained without.
         plain = tmp_path / "plain.jsonl"
         plain.write_text(_jsonl(ROWS))
         cfg = DataConfig(train=str(plain), system_prompt="Be brief.")
         if "system" in roles:
-            assert "Be brief." in tokenizer.decode(build_data(cfg, tokenizer, 0).train[0].input_ids)
+            assert "Be brief." in tokenizer.decode(build_data(cfg, tokenizer, 0, sft.example).train[0].input_ids)
         else:
             with pytest.raises(DataError, match=r"plain.jsonl:1: a system prompt .* remove the system prompt"):
-                build_data(cfg, tokenizer, 0)
+                build_data(cfg, tokenizer, 0, sft.example)
     finally:
         tokenizer.chat_template = saved

@@ -6,6 +6,7 @@ from unitune.config import DataConfig
 from unitune.data import DataError, build_data
 from unitune.data.files import read_rows
 from unitune.data.formats import to_sample
+from unitune.objectives import sft
 
 ROW = {"instruction": "Say hi", "output": "hi"}
 
@@ -58,19 +59,19 @@ def test_empty_after_filtering_is_an_error(tmp_path, tokenizer):
     # Cut from the right, the answer starts beyond max_length: nothing is left to learn from.
     p.write_text(json.dumps({"instruction": "word " * 200, "output": "answer"}) + "\n")
     with pytest.raises(DataError, match="no usable examples"):
-        build_data(DataConfig(train=str(p), max_length=32, truncation="right"), tokenizer, 0)
+        build_data(DataConfig(train=str(p), max_length=32, truncation="right"), tokenizer, 0, sft.example)
     with pytest.raises(DataError, match="data file not found"):
-        build_data(DataConfig(train=str(tmp_path / "nope.jsonl")), tokenizer, 0)
+        build_data(DataConfig(train=str(tmp_path / "nope.jsonl")), tokenizer, 0, sft.example)
 
 
 def test_validation_split_from_ratio(orders_data, tokenizer):
     cfg = DataConfig(train=str(orders_data / "train.jsonl"), val_ratio=0.25)
-    a, b = build_data(cfg, tokenizer, 0), build_data(cfg, tokenizer, 0)
+    a, b = build_data(cfg, tokenizer, 0, sft.example), build_data(cfg, tokenizer, 0, sft.example)
     assert len(a.val) == 24 and len(a.train) == 72
     assert [e.input_ids for e in a.val] == [e.input_ids for e in b.val]  # deterministic
     assert a.stats["truncated"] == 0
     cut = max(len(e.input_ids) for e in a.train) - 5
-    short = build_data(cfg.model_copy(update={"max_length": cut}), tokenizer, 0)
+    short = build_data(cfg.model_copy(update={"max_length": cut}), tokenizer, 0, sft.example)
     assert short.stats["truncated"] > 0 and all(len(e.input_ids) <= cut for e in short.train)
 
 
@@ -82,6 +83,6 @@ def test_rows_with_nothing_to_learn_stop_the_run_or_are_skipped(tmp_path, tokeni
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"{path}:2: .*no assistant message.*data.nothing_to_learn=skip"):
-        build_data(DataConfig(train=str(path)), tokenizer, 0)
-    data = build_data(DataConfig(train=str(path), nothing_to_learn="skip"), tokenizer, 0)
+        build_data(DataConfig(train=str(path)), tokenizer, 0, sft.example)
+    data = build_data(DataConfig(train=str(path), nothing_to_learn="skip"), tokenizer, 0, sft.example)
     assert len(data.train) == 2 and data.stats["skipped_nothing_to_learn"] == 2

@@ -6,12 +6,13 @@ from unitune.config import DataConfig, load_recipe
 from unitune.data import Batches, build_data
 from unitune.data.packing import collate, packs_exactly
 from unitune.data.tokenize import IGNORE
+from unitune.objectives import sft
 
 
 def test_packed_rows_match_separate_sequences(tiny_llama, orders_data, tokenizer):
     """No attention across example boundaries: a packed row gives each example its own logits."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0)
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0, sft.example)
     exs = data.train[:3]
     packed = collate(exs, [[0, 1, 2]], tokenizer.pad_token_id, packed=True)
     assert "attention_mask" not in packed
@@ -30,21 +31,21 @@ def test_packed_rows_match_separate_sequences(tiny_llama, orders_data, tokenizer
 
 
 def test_batches_pack_rows_and_resume_at_cursor(orders_data, tokenizer):
-    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0)
-    a = Batches(data.train, 2, True, 256, tokenizer.pad_token_id, seed=7)
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0, sft.example)
+    a = Batches(data.train, 2, True, 256, tokenizer.pad_token_id, seed=7, collate=sft.collate)
     first = [a.next() for _ in range(len(a) + 3)]  # crosses an epoch boundary
     assert all(b["input_ids"].shape[1] <= 256 for b in first)
     rows = sum(len(r) for batch in a.plan(0) for r in batch)
     assert rows == len(data.train)  # every example exactly once per epoch
     assert len(a) < len(data.train) / 2  # several examples share a row
-    b = Batches(data.train, 2, True, 256, tokenizer.pad_token_id, seed=7)
+    b = Batches(data.train, 2, True, 256, tokenizer.pad_token_id, seed=7, collate=sft.collate)
     b.cursor = 5
     assert torch.equal(b.next()["input_ids"], first[5]["input_ids"])
 
 
 def test_padded_batches_group_lengths(orders_data, tokenizer):
-    data = build_data(DataConfig(train=str(orders_data / "train.jsonl"), packing=False), tokenizer, 0)
-    batches = Batches(data.train, 4, False, 256, tokenizer.pad_token_id, seed=0)
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl"), packing=False), tokenizer, 0, sft.example)
+    batches = Batches(data.train, 4, False, 256, tokenizer.pad_token_id, seed=0, collate=sft.collate)
     batch = batches.next()
     assert batch["attention_mask"].shape == batch["input_ids"].shape
     pad = batch["attention_mask"] == 0
@@ -68,7 +69,7 @@ def test_packs_exactly_tells_which_models_pack(tiny_llama, tokenizer):
 
 
 def test_a_model_that_cannot_pack_trains_on_padded_batches(tiny_llama, orders_data, tokenizer, capsys):
-    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0)
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl")), tokenizer, 0, sft.example)
     recipe = load_recipe({})
     batches = api._batches(recipe, data.train, tokenizer.pad_token_id, 2, AutoModelForCausalLM.from_pretrained(tiny_llama))
     assert batches.packing and capsys.readouterr().out == ""

@@ -9,6 +9,7 @@ from unitune.data import build_data
 from unitune.data.formats import Sample
 from unitune.data.templates import assistant_spans
 from unitune.data.tokenize import IGNORE, tokenize_sample
+from unitune.objectives import sft
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3+3?"},
@@ -119,7 +120,7 @@ def test_truncation_counts_in_data_stats(tmp_path, tokenizer, mode, truncated, t
     p = tmp_path / "chat.jsonl"
     p.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
                          for u, a in rows))
-    data = build_data(DataConfig(train=str(p), max_length=24, truncation=mode), tokenizer, 0)
+    data = build_data(DataConfig(train=str(p), max_length=24, truncation=mode), tokenizer, 0, sft.example)
     assert (data.stats["truncated"], data.stats["dropped_too_long"], data.stats["dropped_no_loss_tokens"]) == (
         truncated, too_long, no_loss)
     assert len(data.train) == 3 - too_long - no_loss and all(len(e.input_ids) <= 24 for e in data.train)

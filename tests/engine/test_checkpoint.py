@@ -1,4 +1,5 @@
 """Crash, resume, NaN: nothing is lost and a resumed run ends where an uninterrupted one does."""
+import json
 from pathlib import Path
 
 import pytest
@@ -29,17 +30,18 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, monkeypa
 
     real_save = checkpoint.save
 
-    def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "step-6":
-            raise Crash("killed after step 6")
-        return path
+    def crash_at_step_6(ckpt_dir, step, *args, **kwargs):
+        if step == 6:  # steps 4-6 are logged but their checkpoint never written: resume must drop them
+            raise Crash("killed before saving step 6")
+        return real_save(ckpt_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save", crash_at_step_6)
     crashed = {**recipe, "output": {**recipe["output"], "name": "crashed"}}
     with pytest.raises(Crash):
         unitune.train(crashed)
     monkeypatch.setattr(checkpoint, "save", real_save)
+    log = Path(crashed["output"]["dir"]) / "crashed" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 6
     resumed = unitune.train(crashed, resume=True)
 
     assert resumed.dir == full.dir.with_name("crashed")
@@ -76,9 +78,9 @@ def test_nan_loss_stops_with_a_message(tiny_recipe, monkeypatch):
     real = sft.loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, chunk=1024):
+    def poisoned(*args):
         calls["n"] += 1
-        total, info = real(model, batch, chunk)
+        total, info = real(*args)
         return (total * float("nan") if calls["n"] == 3 else total), info
 
     monkeypatch.setattr(sft, "loss", poisoned)
@@ -93,9 +95,9 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_recipe, monkey
     real = sft.loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def poisoned(*args):
         calls["n"] += 1
-        total, info = real(*args, **kwargs)
+        total, info = real(*args)
         if calls["n"] == 3:
             total.register_hook(lambda g: g * float("nan"))
         return total, info

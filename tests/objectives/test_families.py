@@ -14,7 +14,7 @@ import transformers as tf
 from unitune.data.packing import collate, packs_exactly
 from unitune.data.tokenize import IGNORE, Example
 from unitune.models import heads
-from unitune.objectives import sft
+from unitune.objectives import logprobs, sft
 
 VOCAB = 96
 ATTENTION = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -77,15 +77,15 @@ def test_sft_loss_and_gradients_are_the_models(family, monkeypatch):
     want, want_grads = reference(model, batch)
 
     with torch.no_grad():
-        whole, info = sft.loss(model, batch, chunk=1024)
-    assert info["tokens"] == n
+        whole, info = sft.loss(model, batch, sft.Config(loss_chunk=1024))
+    assert sft.count(batch) == n
     torch.testing.assert_close(whole / n, want, atol=1e-5, rtol=1e-5)
 
     recomputed = []  # the chunked branch recomputes each chunk's logits in backward
-    real = sft.checkpoint
-    monkeypatch.setattr(sft, "checkpoint", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    real = logprobs.checkpoint
+    monkeypatch.setattr(logprobs, "checkpoint", lambda *a, **k: recomputed.append(1) or real(*a, **k))
     model.zero_grad()
-    chunked, _ = sft.loss(model, batch, chunk=3)
+    chunked, _ = sft.loss(model, batch, sft.Config(loss_chunk=3))
     (chunked / n).backward()
     assert len(recomputed) == -(-n // 3) > 1
     torch.testing.assert_close(chunked.detach() / n, want, atol=1e-5, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_a_family_whose_postprocessing_is_unknown_is_refused(family, monkeypatch
     monkeypatch.setattr(heads, "POSTPROCESS", {})
     batch = collate(examples([9]), [[0]], pad_id=0, packed=False)
     with pytest.raises(ValueError, match=f"logits of {type(build(family)).__name__}.*POSTPROCESS"):
-        sft.loss(build(family), batch)
+        sft.loss(build(family), batch, sft.Config())
 
 
 def test_a_new_kind_of_postprocessing_is_refused():

@@ -1,25 +1,31 @@
-"""The data pipeline in one place: read files, convert rows, tokenize, split, and plan batches."""
+"""The data pipeline in one place: read files, turn rows into the objective's examples, split, and
+plan batches. What a row means belongs to the objective (`example`); this module only reads, counts,
+splits and batches."""
 from __future__ import annotations
 
 import importlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig
-from unitune.data.files import DataError, read_rows
-from unitune.data.formats import NothingToLearn, template_roles, to_sample
-from unitune.data.packing import collate, group_by_length, pack
-from unitune.data.tokenize import Example, tokenize_sample
+from unitune.data.files import DataError, Row, read_rows
+from unitune.data.formats import NothingToLearn, template_roles
+from unitune.data.packing import group_by_length, pack
+
+# row, tokenizer, data config, roles the template renders -> an example, or None (dropped as too long)
+ToExample = Callable[[Row, PreTrainedTokenizerBase, DataConfig, frozenset[str]], Any]
 
 
 @dataclass
 class DataBundle:
-    train: list[Example]
-    val: list[Example]
+    train: list
+    val: list
     stats: dict = field(default_factory=dict)
 
 
@@ -32,7 +38,7 @@ def generate_files(cfg: DataConfig) -> None:
     getattr(importlib.import_module(module), func)(wanted[0].parent)
 
 
-def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stats: dict) -> list[Example]:
+def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, to_example: ToExample, stats: dict) -> list:
     rows = read_rows(path)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
@@ -40,13 +46,11 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stat
     examples, skipped = [], 0
     for r in rows:
         try:
-            sample = to_sample(r, cfg.format, cfg.system_prompt, roles)
+            examples.append(to_example(r, tok, cfg, roles))
         except NothingToLearn as err:
             if cfg.nothing_to_learn == "error":
                 raise DataError(f"{err} (or set data.nothing_to_learn=skip)") from None
             skipped += 1
-            continue
-        examples.append(tokenize_sample(tok, sample, cfg.max_length, cfg.loss_on, cfg.truncation))
     fitting = [e for e in examples if e is not None]  # None: too long, dropped by data.truncation
     kept = [e for e in fitting if e.n_loss > 0]
     stats["rows"] = stats.get("rows", 0) + len(rows)
@@ -63,14 +67,14 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stat
     return kept
 
 
-def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> DataBundle:
+def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int, to_example: ToExample) -> DataBundle:
     if not cfg.train:
         raise DataError("the recipe names no training data: set data.train to a file or directory")
     generate_files(cfg)
     stats: dict = {}
-    train = load_examples(cfg.train, cfg, tok, stats)
+    train = load_examples(cfg.train, cfg, tok, to_example, stats)
     if cfg.validation:
-        val = load_examples(cfg.validation, cfg, tok, {})
+        val = load_examples(cfg.validation, cfg, tok, to_example, {})
     elif cfg.val_ratio > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -82,7 +86,7 @@ def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int) -> Data
     else:
         val = []
     stats.update(train_examples=len(train), val_examples=len(val),
-                 train_tokens=sum(len(e.input_ids) for e in train), loss_tokens=sum(e.n_loss for e in train))
+                 train_tokens=sum(e.length for e in train), loss_tokens=sum(e.n_loss for e in train))
     return DataBundle(train, val, stats)
 
 
@@ -93,8 +97,10 @@ class Batches:
     number of batches per epoch is fixed and the cursor alone says where a checkpoint left off.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, packing: bool, max_length: int, pad_id: int, seed: int):
+    def __init__(self, examples: list, batch_size: int, packing: bool, max_length: int, pad_id: int, seed: int,
+                 collate: Callable[[list, list[list[int]], int, bool], dict]):
         self.examples, self.batch_size, self.packing, self.pad_id, self.seed = examples, batch_size, packing, pad_id, seed
+        self.collate = collate
         self.rows = pack(examples, max_length, seed) if packing else None
         self.cursor = 0
         self._epoch, self._plan = -1, []
@@ -117,9 +123,9 @@ class Batches:
     def next(self) -> dict:
         epoch, i = divmod(self.cursor, len(self))
         self.cursor += 1
-        return collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing)
+        return self.collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing)
 
     def all(self):
         """Every batch of one pass, in order (evaluation)."""
         for rows in self.plan(0):
-            yield collate(self.examples, rows, self.pad_id, self.packing)
+            yield self.collate(self.examples, rows, self.pad_id, self.packing)

@@ -30,7 +30,7 @@ def pack(examples: list[Example], max_length: int, seed: int) -> list[list[int]]
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(examples[i].input_ids)
+        n = examples[i].length
         # First fit among the last few open rows: nearly full rows with little search.
         for r in range(max(0, len(rows) - 8), len(rows)):
             if room[r] >= n:
@@ -50,7 +50,7 @@ def group_by_length(examples: list[Example], batch_size: int, seed: int) -> list
     chunk = batch_size * 32
     rows = []
     for c in range(0, len(order), chunk):
-        part = sorted(order[c : c + chunk], key=lambda i: len(examples[i].input_ids), reverse=True)
+        part = sorted(order[c : c + chunk], key=lambda i: examples[i].length, reverse=True)
         rows += [[i] for i in part]
     return rows
 

@@ -39,6 +39,10 @@ class Example:
     def n_loss(self) -> int:
         return sum(t != IGNORE for t in self.targets)
 
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
 
 def _targets(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]

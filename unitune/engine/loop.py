@@ -1,7 +1,9 @@
 """The training loop. It knows nothing of tasks: it drives any objective's `loss(model, batch)`.
 
-One optimizer step = `grad_accum` micro-batches; the loss is normalised by the loss tokens of
-the whole step, so accumulation gives the gradient of one large batch exactly.
+One optimizer step = `grad_accum` micro-batches; the loss is normalised by what the objective
+counts in the whole step (loss tokens, pairs, ...), so accumulation gives the gradient of one
+large batch exactly. The objective's other metrics are sums over the same units; their means
+are logged beside the loss.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from tqdm.auto import tqdm
 from unitune import atomic
 from unitune.config import RecipeError, TrainConfig
 from unitune.data import Batches
-from unitune.data.tokenize import IGNORE
 from unitune.engine import checkpoint
 from unitune.engine.precision import autocast
 from unitune.engine.schedule import make_scheduler
@@ -88,6 +89,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    count: Callable[[dict], int],
     batches: Batches,
     cfg: TrainConfig,
     run_dir: Path,
@@ -159,18 +161,20 @@ def train_loop(
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         micro = [batches.next() for _ in range(cfg.grad_accum)]
-        n_loss = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
-        step_loss = 0.0
+        n = max(sum(count(b) for b in micro), 1)
+        step_loss, sums = 0.0, {}
         for batch in micro:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast(device, amp):
                 loss_sum, info = loss_fn(model, batch)
-            loss = loss_sum / max(n_loss, 1)
+            loss = loss_sum / n
             if not torch.isfinite(loss):
                 stop_non_finite(f"loss became {loss.item()} at step {step}")
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
-            tokens_seen += info["seen_tokens"]
+            tokens_seen += info.pop("seen_tokens")
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
         if scaler:
             scaler.unscale_(optimizer)
         # The norm is needed either way: a finite loss can still give NaN/inf gradients, and one
@@ -188,7 +192,7 @@ def train_loop(
 
         train_time += time.perf_counter() - t0
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time}
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time, **{k: v / n for k, v in sums.items()}}
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -1,7 +1,6 @@
 """Validation metrics: token loss and perplexity, and exact / contains match of generated answers."""
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 
@@ -11,22 +10,26 @@ from unitune.data import Batches
 from unitune.data.tokenize import Example, prompt_and_reference
 from unitune.engine.precision import autocast
 from unitune.generation import generate
-from unitune.objectives import OBJECTIVES
 
 
 @torch.no_grad()
-def loss_metrics(model, batches: Batches, objective: str, chunk: int, device, amp) -> dict[str, float]:
+def loss_metrics(model, batches: Batches, objective, cfg, ref, device, amp) -> dict[str, float]:
+    """The objective's loss and metrics over the validation set, as means over what it counts."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    sums, n = {"loss": 0.0}, 0
     for batch in batches.all():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, amp):
-            s, m = OBJECTIVES[objective].loss(model, batch, chunk)
-        total, tokens = total + float(s), tokens + m["tokens"]
+            total, info = objective.loss(model, batch, cfg, ref)
+        info.pop("seen_tokens", None)
+        for k, v in {"loss": total, **info}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += objective.count(batch)
     model.train(was_training)
-    mean = total / max(tokens, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
+    means = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    summarize = getattr(objective, "summarize", None)
+    return {**means, **(summarize(means) if summarize else {})}
 
 
 def normalize(text: str) -> str:
@@ -44,7 +47,7 @@ def match_scores(predictions: list[str], references: list[str]) -> dict[str, flo
 
 def generation_metrics(model, tok, examples: list[Example], limit: int, max_new_tokens: int, batch_size: int,
                        temperature: float = 0.0) -> tuple[dict[str, float], list[dict]]:
-    chats = [e for e in examples if e.messages][:limit]
+    chats = [e for e in examples if getattr(e, "messages", None)][:limit]
     if not chats:
         return {}, []
     prompts, refs = zip(*(prompt_and_reference(e.messages) for e in chats))

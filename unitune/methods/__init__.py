@@ -5,8 +5,12 @@ Adding a method is one new module and one line in METHODS.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import ModuleType
 
 from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, prefix, prompt, ptuning, qlora
@@ -18,14 +22,9 @@ METHODS: dict[str, ModuleType] = {
 
 
 def method_config(data: dict):
-    from unitune.config import RecipeError, validate_section
+    from unitune.config import plugin_config
 
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe key 'method': expected a mapping with a 'name', got {data!r}")
-    name = data.get("name", "lora")
-    if not isinstance(name, str) or name not in METHODS:
-        raise RecipeError(f"unknown method '{name}': valid methods: {', '.join(METHODS)}")
-    return validate_section(METHODS[name].Config, {**data, "name": name}, "method")
+    return plugin_config("method", METHODS, data, "lora")
 
 
 def apply_method(model, cfg, tokenizer=None):
@@ -60,3 +59,27 @@ def layer_quantizer(cfg):
     """The method's quantizer for models.load_model, if it stores its base quantized (QLoRA)."""
     quantizer = getattr(METHODS[cfg.name], "layer_quantizer", None)
     return functools.partial(quantizer, cfg) if quantizer else None
+
+
+def reference(model, cfg) -> Callable[[], AbstractContextManager]:
+    """The reference policy for objectives that need one (DPO, KTO): a context manager factory that
+    yields the model as it was before training, in eval mode. With a method that can switch its
+    adapters off, that is the same model with them off: no second copy in memory (FIELD-NOTES
+    trap 6). Otherwise a frozen copy is taken now, before the first step."""
+    disabled = getattr(METHODS[cfg.name], "disabled", None)
+    frozen = None if disabled else copy.deepcopy(model).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def ref():
+        if frozen is not None:
+            yield frozen
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with disabled(model):
+                yield model
+        finally:
+            model.train(was_training)
+
+    return ref

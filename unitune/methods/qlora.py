@@ -27,7 +27,7 @@ from unitune.methods.quant import (INT8_BLOCKSIZES, NF4_BLOCKSIZES, QuantEmbeddi
 from unitune.methods.targets import set_module
 
 PEFT_TYPE = lora.PEFT_TYPE
-adapter_state, config_from_peft, lr_scale = lora.adapter_state, lora.config_from_peft, lora.lr_scale
+adapter_state, config_from_peft, lr_scale, disabled = lora.adapter_state, lora.config_from_peft, lora.lr_scale, lora.disabled
 
 
 class Config(lora.Config):

@@ -1,9 +1,33 @@
-"""Objectives: a paradigm is `loss(model, batch) -> (loss_sum, metrics)`.
+"""Objectives: what a run learns from. Each module owns its whole slice of the pipeline, as a method
+owns its own (shared/ARCHITECTURE.md, "Objectives"); the engine drives any of them without knowing which.
 
-The loss is a sum over the batch's loss tokens and metrics["tokens"] counts them, so the engine
-normalises by the tokens of the whole optimizer step: gradient accumulation then gives exactly
-the gradient of one large batch.
+An objective module exports:
+- `Config`: its recipe section (a `name` literal plus its own fields), validated like a method's;
+- `example(row, tok, data, roles) -> example | None`: one data row as a training example (None: dropped
+  as too long by data.truncation; raises DataError / NothingToLearn naming the row). An example has
+  `length` (tokens it takes in a batch), `n_loss` and `truncated`;
+- `PACKS`: whether several examples may share a row (`collate` then gets packed rows);
+- `collate(examples, rows, pad_id, packed) -> batch`: tensors for rows of example indices;
+- `count(batch) -> int`: what one optimizer step normalises by (loss tokens, pairs, ...), summed over
+  its micro-batches, so gradient accumulation gives exactly the gradient of one large batch;
+- `loss(model, batch, cfg, ref) -> (loss_sum, metrics)`: the loss summed over the batch's counted
+  units; `metrics` holds sums over the same units (the engine logs their means) and `seen_tokens`
+  (throughput). `ref` is a context manager yielding the reference model: the policy with its
+  adapters disabled where the method can, else a frozen copy; only used by objectives with NEEDS_REF;
+- optionally `summarize(means) -> dict`: evaluation figures derived from the means (perplexity).
+
+Adding an objective is one module and one line in OBJECTIVES.
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 from unitune.objectives import sft
 
-OBJECTIVES = {"sft": sft}
+OBJECTIVES: dict[str, ModuleType] = {"sft": sft}
+
+
+def objective_config(data: dict):
+    from unitune.config import plugin_config
+
+    return plugin_config("objective", OBJECTIVES, data, "sft")
