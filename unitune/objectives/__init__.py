@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import sft
+from unitune.objectives import dpo, kto, orpo, simpo, sft
 
-OBJECTIVES: dict[str, ModuleType] = {"sft": sft}
+OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto}
 
 
 def objective_config(data: dict):

@@ -72,3 +72,53 @@ def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 
         rows = [make_row(rng, held_out=split == "val") for _ in range(n)]
         atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+def corrupt(rng: random.Random, answer: str) -> str:
+    """A wrong answer of the kinds the base model and half-trained models give."""
+    order = json.loads(answer)
+    mistake = rng.randrange(6)
+    if mistake == 0:
+        order["qty"] += rng.choice([-1, 1, 2, 3]) if order["qty"] > 1 else rng.choice([1, 2, 3])
+    elif mistake == 1:
+        order["item"] = plural(order["item"], 2)
+    elif mistake == 2:
+        order["name"], order["city"] = order["city"], order["name"]
+    elif mistake == 3:
+        return json.dumps(order, indent=2)
+    elif mistake == 4:
+        del order[rng.choice(["city", "qty"])]
+    else:
+        order["name"] = order["name"].split()[0]
+    return json.dumps(order)
+
+
+def write_preferences(out_dir: str | Path, n_train: int = 400, n_val: int = 64, seed: int = 4321) -> Path:
+    """Preference pairs for the same task (TRL's standard layout): the right JSON is chosen, a wrong one
+    (a miscount, a plural, swapped fields, another format, a missing key, a cut name) rejected."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows = []
+        for _ in range(n):
+            row = make_row(rng, held_out=split == "val")
+            rows.append({"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"],
+                         "rejected": corrupt(rng, row["output"])})
+        atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def write_feedback(out_dir: str | Path, n_train: int = 400, n_val: int = 64, seed: int = 4321) -> Path:
+    """Unpaired feedback for KTO (prompt, completion, label): each order once, answered right or wrong."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows = []
+        for _ in range(n):
+            row, good = make_row(rng, held_out=split == "val"), rng.random() < 0.5
+            rows.append({"prompt": f"{row['instruction']}\n\n{row['input']}",
+                         "completion": row["output"] if good else corrupt(rng, row["output"]), "label": good})
+        atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out
