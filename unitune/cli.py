@@ -63,6 +63,18 @@ def _generate(args) -> None:
         sys.stdout.write(text)
 
 
+def _label(args) -> None:
+    from unitune.data.files import read_rows
+    from unitune.feedback import label
+
+    rows = read_rows(args.prompts)
+    # A row's prompt is kept as it was given: messages (conversational pairs) or a string (standard pairs).
+    prompts = [conv if "messages" in row.data else conv[0]["content"]
+               for row, conv in zip(rows, _prompts(rows, args.field))]
+    label.run(prompts, args.model, args.output, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, device=args.device)
+
+
 def _chat(args) -> None:
     from unitune import api
     from unitune.engine.precision import pick_device
@@ -147,6 +159,22 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument("--top-p", type=float, default=0.9)
         g.add_argument("--device", default="auto")
         g.set_defaults(func=func)
+
+    lb = sub.add_parser("label", help="judge two answers per prompt side by side; the verdicts become preference pairs",
+                        parents=[debug])
+    lb.add_argument("prompts", help="JSONL/JSON/CSV/Parquet with 'messages' or a prompt field")
+    lb.add_argument("--model", action="append", required=True,
+                    help="a run, adapter, model, .gguf or built-in name; twice: compare two, once: two samples of one")
+    lb.add_argument("-o", "--output", required=True,
+                    help="the pairs (.jsonl); ties and skips go beside it, in .skipped.jsonl")
+    lb.add_argument("--field", default="prompt")
+    lb.add_argument("--batch-size", type=int, default=8, help="prompts generated for at a time, ahead of you")
+    lb.add_argument("--max-new-tokens", type=int, default=256)
+    lb.add_argument("--temperature", type=float, default=0.7)
+    lb.add_argument("--top-p", type=float, default=0.9)
+    lb.add_argument("--seed", type=int, default=0, help="sampling, and which answer is shown on the left")
+    lb.add_argument("--device", default="auto")
+    lb.set_defaults(func=_label)
 
     ls = sub.add_parser("methods", help="list the fine-tuning methods", parents=[debug])
     ls.set_defaults(func=_methods)

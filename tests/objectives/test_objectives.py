@@ -33,7 +33,7 @@ def _recipe(tiny_recipe, data, objective, **train):
             "eval": {"generate": 2, "max_new_tokens": 4, "batch_size": 4}}
 
 
-@pytest.mark.parametrize("objective", [{"name": "dpo"}, {"name": "dpo", "loss_type": "ipo"},
+@pytest.mark.parametrize("objective", [{"name": "dpo"}, {"name": "dpo", "loss_type": "ipo", "rpo_alpha": 1.0},
                                        {"name": "simpo"}, {"name": "orpo"}])
 def test_pair_objectives_train_through_the_one_loop(tiny_recipe, pair_data, objective):
     run = unitune.train(_recipe(tiny_recipe, pair_data, objective))
@@ -70,6 +70,10 @@ def test_sequence_logps_equal_the_full_softmax(tiny_llama, pair_data, tokenizer)
     torch.testing.assert_close(sums, picked.sum(1), atol=1e-5, rtol=1e-5)
     assert n.tolist() == keep.sum(1).tolist()
     assert batch["pairs"] == 3 and len(sums) == 6
+    # The SFT term of RPO/CPO/ORPO: TRL's cross-entropy mean over the chosen rows' completion tokens, per pair.
+    chosen, _, n_chosen, _ = pairs.logps(model, batch, chunk=7)
+    ce = torch.nn.functional.cross_entropy(full[:3].reshape(-1, full.shape[-1]), batch["targets"][:3].reshape(-1))
+    torch.testing.assert_close(pairs.chosen_nll(chosen, n_chosen) / 3, ce, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_is_the_base_without_a_second_copy_or_a_frozen_copy(tiny_llama, pair_data, tokenizer):

@@ -28,6 +28,9 @@ class Config(Section):
     beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference (the KL weight)
     loss_type: Literal[tuple(preference.DPO_LOSSES)] = "sigmoid"  # type: ignore[valid-type]
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # conservative/robust DPO: the chance a label is wrong
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): add the chosen completions' NLL. Plain DPO can separate the
+    # pairs while lowering the chosen answer's likelihood too; this keeps the model writing it.
+    rpo_alpha: float | None = Field(None, ge=0)
     loss_chunk: int = Field(1024, gt=0)  # completion tokens per vocabulary-projection chunk
 
 
@@ -37,4 +40,7 @@ def loss(model: nn.Module, batch: dict, cfg: Config, ref) -> tuple[torch.Tensor,
         ref_chosen, ref_rejected, _, _ = pairs.logps(reference, batch, cfg.loss_chunk)
     out = preference.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
                          label_smoothing=cfg.label_smoothing, chosen_lengths=n_chosen, rejected_lengths=n_rejected)
-    return out.losses.sum(), pairs.metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch)
+    total = out.losses.sum()
+    if cfg.rpo_alpha:
+        total = total + cfg.rpo_alpha * pairs.chosen_nll(chosen, n_chosen)
+    return total, pairs.metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch)

@@ -33,7 +33,11 @@ class Config(Section):
 
 
 def example(row: Row, tok: PreTrainedTokenizerBase, cfg: DataConfig, roles: frozenset[str]):
-    return data.tokenize_unpaired(tok, data.to_unpaired(row, cfg.system_prompt, roles), cfg.max_length, cfg.truncation)
+    sample = data.to_unpaired(row, cfg.system_prompt, roles)
+    ex = data.tokenize_unpaired(tok, sample, cfg.max_length, cfg.truncation)
+    if ex is not None and sample.label:  # a desirable answer is a reference for exact match
+        ex.messages = sample.prompt + sample.completion
+    return ex
 
 
 def collate(examples: list, rows: list[list[int]], pad_id: int, packed: bool) -> dict:

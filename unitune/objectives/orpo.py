@@ -26,8 +26,7 @@ class Config(Section):
 def loss(model: nn.Module, batch: dict, cfg: Config, ref=None) -> tuple[torch.Tensor, dict]:
     chosen, rejected, n_chosen, n_rejected = pairs.logps(model, batch, cfg.loss_chunk)
     out = preference.orpo_odds_ratio(chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1), beta=cfg.beta)
-    nll = -chosen.sum() / n_chosen.sum().clamp(min=1)  # per chosen token, as TRL
-    total = len(chosen) * nll + out.losses.sum()  # the engine divides by the pairs
-    return total, {**pairs.metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch),
-                   "nll_loss": len(chosen) * nll.detach(), "log_odds_ratio": out.log_odds_ratio.sum(),
-                   "log_odds_chosen": out.log_odds_chosen.sum()}
+    nll = pairs.chosen_nll(chosen, n_chosen)
+    figures = pairs.metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch)
+    return nll + out.losses.sum(), {**figures, "nll_loss": nll.detach(), "log_odds_ratio": out.log_odds_ratio.sum(),
+                                    "log_odds_chosen": out.log_odds_chosen.sum()}

@@ -46,3 +46,9 @@ def metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
             "logps/chosen": chosen_logps.detach().sum(), "logps/rejected": rejected_logps.detach().sum(),
             "seen_tokens": batch["real_tokens"]}
+
+
+def chosen_nll(chosen_logps: torch.Tensor, n_chosen: torch.Tensor) -> torch.Tensor:
+    """The chosen completions' NLL per token over the micro-batch, times its pairs (the engine divides
+    by the pairs): the SFT term RPO, CPO and ORPO add, computed as TRL computes it."""
+    return len(chosen_logps) * -chosen_logps.sum() / n_chosen.sum().clamp(min=1)

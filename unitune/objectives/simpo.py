@@ -30,6 +30,6 @@ def loss(model: nn.Module, batch: dict, cfg: Config, ref=None) -> tuple[torch.Te
     out = preference.simpo(chosen_avg, rejected_avg, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                            label_smoothing=cfg.label_smoothing)
     total = out.losses.sum()
-    if cfg.sft_weight:  # TRL: the mean NLL over the micro-batch's chosen tokens, once per pair
-        total = total + cfg.sft_weight * len(chosen) * -chosen.sum() / n_chosen.sum().clamp(min=1)
+    if cfg.sft_weight:
+        total = total + cfg.sft_weight * pairs.chosen_nll(chosen, n_chosen)
     return total, pairs.metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch)

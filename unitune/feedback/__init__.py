@@ -1,0 +1,1 @@
+"""Feedback on model outputs that becomes training data: human labelling (`label`)."""
