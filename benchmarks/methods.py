@@ -13,10 +13,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["full", "lora", "qlora", "adapter", "ia3", "layernorm", "partial", "prefix", "prompt", "ptuning"]
@@ -41,15 +41,6 @@ def base_score() -> dict:
     import unitune
 
     return unitune.evaluate(str(ROOT / "recipes" / "compare" / "lora.yaml"))["base"]
-
-
-def spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def table(base: dict, results: dict[str, dict], steps: int) -> str:
@@ -88,11 +79,12 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     saved = json.loads((out / "methods.json").read_text()) if args.only and (out / "methods.json").is_file() else {}
-    base = saved.get("base") or spawn(["--base"])
+    base = saved.get("base") or spawn(__file__, ["--base"])
     print(f"base: {base}", flush=True)
     results = saved.get("results", {})
     for name in names:
-        results[name] = spawn(["--worker", str(ROOT / "recipes" / "compare" / f"{name}.yaml"), "--steps", str(args.steps)])
+        recipe = str(ROOT / "recipes" / "compare" / f"{name}.yaml")
+        results[name] = spawn(__file__, ["--worker", recipe, "--steps", str(args.steps)])
         print(f"{name}: {results[name]}", flush=True)
         (out / "methods.json").write_text(json.dumps({"base": base, "results": results}, indent=1))
     results = {n: results[n] for n in ORDER if n in results}

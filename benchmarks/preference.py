@@ -15,10 +15,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "dpo.yaml"
@@ -49,15 +49,6 @@ def worker(name: str, steps: int) -> None:
         "tokens_per_s": statistics.median(speeds) if speeds else None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "wall_s": time.time() - t0,
     }), flush=True)
-
-
-def spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def _f(x, spec=".3f") -> str:
@@ -94,7 +85,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     saved = json.loads((out / "preference.json").read_text()) if args.only and (out / "preference.json").is_file() else {}
     for name in [n for n in VARIANTS if not args.only or n.split()[0] in args.only or n in args.only]:
-        saved[name] = spawn(["--worker", name, "--steps", str(args.steps)])
+        saved[name] = spawn(__file__, ["--worker", name, "--steps", str(args.steps)])
         print(f"{name}: {saved[name]}", flush=True)
         (out / "preference.json").write_text(json.dumps(saved, indent=1))
     text = table({n: saved[n] for n in VARIANTS if n in saved}, args.steps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from unitune import atomic
@@ -64,14 +65,20 @@ def make_row(rng: random.Random, held_out: bool) -> dict:
     return {"instruction": INSTRUCTION, "input": text, "output": answer}
 
 
-def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 1234) -> Path:
+def _write_splits(out_dir: str | Path, n_train: int, n_val: int, seed: int,
+                  make: Callable[[random.Random, bool], dict]) -> Path:
+    """train.jsonl and val.jsonl of `make(rng, held_out)` rows, from one seeded stream."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for split, n in (("train", n_train), ("val", n_val)):
-        rows = [make_row(rng, held_out=split == "val") for _ in range(n)]
+        rows = [make(rng, split == "val") for _ in range(n)]
         atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 1234) -> Path:
+    return _write_splits(out_dir, n_train, n_val, seed, make_row)
 
 
 def corrupt(rng: random.Random, answer: str) -> str:
@@ -93,32 +100,24 @@ def corrupt(rng: random.Random, answer: str) -> str:
     return json.dumps(order)
 
 
+def _pair_row(rng: random.Random, held_out: bool) -> dict:
+    row = make_row(rng, held_out)
+    return {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"],
+            "rejected": corrupt(rng, row["output"])}
+
+
 def write_preferences(out_dir: str | Path, n_train: int = 400, n_val: int = 64, seed: int = 4321) -> Path:
     """Preference pairs for the same task (TRL's standard layout): the right JSON is chosen, a wrong one
     (a miscount, a plural, swapped fields, another format, a missing key, a cut name) rejected."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        rows = []
-        for _ in range(n):
-            row = make_row(rng, held_out=split == "val")
-            rows.append({"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"],
-                         "rejected": corrupt(rng, row["output"])})
-        atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return _write_splits(out_dir, n_train, n_val, seed, _pair_row)
+
+
+def _feedback_row(rng: random.Random, held_out: bool) -> dict:
+    row, good = make_row(rng, held_out), rng.random() < 0.5
+    return {"prompt": f"{row['instruction']}\n\n{row['input']}",
+            "completion": row["output"] if good else corrupt(rng, row["output"]), "label": good}
 
 
 def write_feedback(out_dir: str | Path, n_train: int = 400, n_val: int = 64, seed: int = 4321) -> Path:
     """Unpaired feedback for KTO (prompt, completion, label): each order once, answered right or wrong."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        rows = []
-        for _ in range(n):
-            row, good = make_row(rng, held_out=split == "val"), rng.random() < 0.5
-            rows.append({"prompt": f"{row['instruction']}\n\n{row['input']}",
-                         "completion": row["output"] if good else corrupt(rng, row["output"]), "label": good})
-        atomic.write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return _write_splits(out_dir, n_train, n_val, seed, _feedback_row)
