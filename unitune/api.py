@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -14,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from torch.nn.utils.rnn import pad_sequence
+
 from unitune import atomic
-from unitune.config import ModelConfig, Recipe, load_recipe, save_recipe
-from unitune.data import Batches, DataBundle, build_data
+from unitune.config import DataConfig, ModelConfig, Recipe, RecipeError, load_recipe, save_recipe
+from unitune.data import Batches, DataBundle, build_data, preference
+from unitune.data.files import Row
+from unitune.data.formats import template_roles
 from unitune.data.packing import packs_exactly
 from unitune.engine import resume as resuming
 from unitune.engine.loop import is_main_process, train_loop
@@ -27,6 +33,7 @@ from unitune.eval.report import before_after_table, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
 from unitune.models import LoadedModel, load_model
 from unitune.objectives import OBJECTIVES
+from unitune.objectives.reward import rewards
 
 
 @dataclass
@@ -87,12 +94,38 @@ def objective_of(recipe: Recipe):
     return OBJECTIVES[recipe.objective.name]
 
 
+def _num_labels(recipe: Recipe) -> int | None:
+    """The outputs of the objective's head when it needs a sequence classifier (a reward model: 1)."""
+    return getattr(objective_of(recipe), "NUM_LABELS", None)
+
+
+def _new_head(model: torch.nn.Module) -> list[str]:
+    """The modules a sequence classifier adds to its backbone (a reward model's `score`), whose weights
+    the pretrained checkpoint does not have."""
+    if io.task_type(model) != "SEQ_CLS":
+        return []
+    return [n for n, m in model.named_children() if n != model.base_model_prefix and any(True for _ in m.parameters())]
+
+
 def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
     seed_everything(recipe.train.seed)
-    loaded = load_model(recipe.model, device, layer_quantizer(recipe.method))  # QLoRA: quantized as it loads
+    # QLoRA: quantized as it loads
+    loaded = load_model(recipe.model, device, layer_quantizer(recipe.method), _num_labels(recipe))
     data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective_of(recipe).example)
     seed_everything(recipe.train.seed)
+    # A new head trains in full under every method and never gets an adapter: in an adapter, as PEFT's
+    # SEQ_CLS task does, it is a module to save (a trained copy beside the frozen original).
+    head = _new_head(loaded.model)
+    adapter = io.is_adapter(recipe.method)
+    if head and adapter:
+        if "modules_to_save" not in type(recipe.method).model_fields:
+            raise RecipeError(f"objective.name={recipe.objective.name} trains a new '{head[0]}' head, which "
+                              f"method.name={recipe.method.name} cannot save beside its adapter: use lora, or a method "
+                              "that saves the whole model (full, bitfit, layernorm, partial)")
+        recipe.method.modules_to_save = list(dict.fromkeys([*(recipe.method.modules_to_save or []), *head]))
     loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
+    for name in head if not adapter else []:
+        loaded.model.get_submodule(name).requires_grad_(True)
     return loaded, data
 
 
@@ -218,19 +251,69 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
     if (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")
         if (path / "model").is_dir():
-            return load_model(recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None,
-                                                               "random_init": False}), device)
+            saved = recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None, "random_init": False})
+            return load_model(saved, device, num_labels=_num_labels(recipe))
         if not (path / "adapter").is_dir():
             raise FileNotFoundError(f"{path} holds no adapter/ or model/: did its training finish?")
-        loaded = load_model(recipe.model, device)
+        loaded = load_model(recipe.model, device, num_labels=_num_labels(recipe))
         loaded.model = io.load_adapter(loaded.model, path / "adapter")
         return loaded
     if (path / "adapter_config.json").is_file():
         base = io.adapter_base(path)  # unitune.json first: PEFT's field names a hub id for built-ins
-        loaded = load_model(ModelConfig(name=base), device)
+        loaded = load_model(ModelConfig(name=base), device, num_labels=_head_outputs(path))
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
     return load_model(ModelConfig(name=str(target)), device)
+
+
+def _head_outputs(adapter: Path) -> int | None:
+    """A SEQ_CLS adapter's number of labels: the rows of the head it saves (`score`, as transformers names
+    the head of every causal-LM classifier); None for any other task."""
+    if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") != "SEQ_CLS":
+        return None
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        heads = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("score.weight")]
+    if not heads:
+        raise ValueError(f"{adapter}: a SEQ_CLS adapter without its head (score.weight), so its classifier cannot be "
+                         "rebuilt; save the head with the adapter (modules_to_save: [score])")
+    return heads[0]
+
+
+@torch.no_grad()
+def score(target: str | Path, prompts: list[str | list[dict]], completions: list[str | list[dict]],
+          batch_size: int = 16, device: torch.device | str = "cpu") -> list[float]:
+    """The rewards a reward model (a run directory, or the adapter directory of one) gives each completion
+    of its prompt. A pair is rendered as training rendered pairs (data/preference.py): a string prompt is one
+    user turn and a string completion one assistant turn, or both are message lists; the run's system
+    prompt, chat template, max_length and truncation apply."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions; give one of each per pair")
+    path = Path(target)
+    loaded = load_run_or_model(path, device)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    if io.task_type(model) != "SEQ_CLS" or model.config.num_labels != 1:
+        raise ValueError(f"{target} is not a reward model (a sequence classifier with one output): train one with "
+                         "objective.name=reward")
+    data = load_recipe(path / "recipe.yaml").data if (path / "recipe.yaml").is_file() else DataConfig()
+    roles = template_roles(tok)
+    rows = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        row = Row({"prompt": prompt, "completion": completion, "label": True}, f"score: pair {i}")
+        ex = preference.tokenize_unpaired(tok, preference.to_unpaired(row, data.system_prompt, roles),
+                                          data.max_length, data.truncation)
+        if ex is None:
+            raise ValueError(f"{row.where}: longer than data.max_length={data.max_length} with "
+                             f"data.truncation={data.truncation}; shorten it")
+        rows.append(torch.tensor(ex.prompt_ids + ex.completion_ids))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
+    out = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids = pad_sequence([rows[i] for i in chunk], batch_first=True, padding_value=tok.pad_token_id)
+        mask = pad_sequence([torch.ones_like(rows[i]) for i in chunk], batch_first=True)
+        for i, r in zip(chunk, rewards(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})):
+            out[i] = float(r)
+    return out
 
 
 def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -251,7 +334,7 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
     seed_everything(recipe.train.seed)
-    loaded = load_model(recipe.model, device)
+    loaded = load_model(recipe.model, device, num_labels=_num_labels(recipe))
     objective = objective_of(recipe)
     data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective.example)
     val = data.val or data.train

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from unitune import atomic
 from unitune.config import ModelConfig
@@ -136,24 +136,36 @@ def load_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 LayerQuantizer = Callable[[nn.Module], Callable[[str, nn.Module], nn.Module]]
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", quantize: LayerQuantizer | None = None
-               ) -> LoadedModel:
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", quantize: LayerQuantizer | None = None,
+               num_labels: int | None = None) -> LoadedModel:
     """The recipe's model and tokenizer. With `quantize`, the weights stream from the safetensors files
     into the empty model one layer at a time and each layer is quantized as soon as it is read, so
-    memory peaks near the quantized model's size, never at the full-precision model's."""
+    memory peaks near the quantized model's size, never at the full-precision model's.
+
+    With `num_labels`, the same backbone as a sequence classifier (AutoModelForSequenceClassification):
+    a `score` head of num_labels outputs (1: a reward model) read at each row's last token, new (random)
+    unless the checkpoint holds one."""
+    if quantize and num_labels:
+        raise ValueError("a quantized base with a new classification head (a reward model) is not supported: its "
+                         "head would be quantized with the base. Use method.name=lora, or full fine-tuning")
     folder, gguf = _locate(cfg)
     path = _gguf_cache(folder, gguf) if gguf else folder
     dtype = DTYPES.get(cfg.dtype, torch.float32)  # "auto": fp32 master weights; autocast does the rest
+    auto, head = (AutoModelForCausalLM, {}) if num_labels is None else \
+        (AutoModelForSequenceClassification, {"num_labels": num_labels})
     if cfg.random_init:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **head)
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     else:
         model = _load_quantized(path, cfg, dtype, torch.device(device), quantize) if quantize else None
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **head)
     tok = load_tokenizer(path, cfg)
-    model.generation_config.eos_token_id = end_of_turn_ids(tok)
-    model.generation_config.pad_token_id = tok.pad_token_id
+    if num_labels is None:
+        model.generation_config.eos_token_id = end_of_turn_ids(tok)
+        model.generation_config.pad_token_id = tok.pad_token_id
+    else:  # transformers pools a classifier's logits at the last token that is not pad_token_id
+        model.config.get_text_config().pad_token_id = tok.pad_token_id
     return LoadedModel(model.to(device), tok, str(folder / gguf) if gguf else str(folder))
 
 

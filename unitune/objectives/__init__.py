@@ -15,6 +15,8 @@ An objective module exports:
   (throughput). `ref` is a context manager yielding the reference model: the policy with its
   adapters disabled where the method can, else a frozen copy; only used by objectives with NEEDS_REF;
 - optionally `summarize(means) -> dict`: evaluation figures derived from the means (perplexity).
+- optionally `NUM_LABELS`: the model is loaded as a sequence classifier with that many outputs (a reward
+  model: 1) instead of a causal LM; its new head trains in full under every method.
 
 Adding an objective is one module and one line in OBJECTIVES.
 """
@@ -22,9 +24,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import dpo, kto, orpo, simpo, sft
+from unitune.objectives import dpo, kto, orpo, reward, simpo, sft
 
-OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto}
+OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto,
+                                     "reward": reward}
 
 
 def objective_config(data: dict):
