@@ -58,6 +58,21 @@ def test_overrides_are_typed_by_the_field_they_set():
         load_recipe({}, ["train.steps=ten"])
 
 
+def test_naming_another_module_sets_aside_the_files_keys_it_does_not_take(capsys):
+    dpo = {"objective": {"name": "dpo", "beta": 0.2, "loss_type": "ipo", "rpo_alpha": 1.0},
+           "method": {"name": "lora", "r": 4, "dropout": 0.1}}
+    r = load_recipe(dpo, ["objective.name=kto", "method.name=full"])
+    assert r.objective.name == "kto" and r.objective.beta == 0.2  # a key both take is kept
+    assert r.method.name == "full"
+    err = capsys.readouterr().err
+    assert "objective.name=kto: the recipe's loss_type, rpo_alpha (dpo's) set aside" in err
+    assert "method.name=full: the recipe's r, dropout (lora's) set aside" in err
+    with pytest.raises(RecipeError, match="unknown recipe key 'objective.loss_type'"):
+        load_recipe(dpo, ["objective.name=kto", "objective.loss_type=ipo"])  # the command line's own keys are checked
+    with pytest.raises(RecipeError, match="unknown recipe key 'objective.gamma'"):
+        load_recipe({"objective": {"name": "dpo", "gamma": 1}})  # and the file's, when its module is the one used
+
+
 def test_bad_values_and_unknown_method():
     with pytest.raises(RecipeError, match="train.lr"):
         load_recipe({"train": {"lr": -1}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import sys
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -212,10 +213,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         pairs.append((item, dotted.strip().split("."), raw))
     # method.* and objective.* fields belong to the chosen module, which an override may name after them.
     chosen = {}
-    for section, (default, _) in _plugins().items():
+    for section, (default, registry) in _plugins().items():
         in_file = data[section].get("name", default) if isinstance(data.get(section), dict) else default
         chosen[section] = next((raw.strip() for _, keys, raw in reversed(pairs) if keys == [section, "name"]),
                                str(in_file))
+        # Naming another module from the command line (`objective.name=kto` on a DPO recipe) sets aside the
+        # file's keys that module does not take (DPO's loss_type); the override's own keys are still checked.
+        schema = getattr(registry.get(chosen[section]), "Config", None)
+        if chosen[section] != str(in_file) and schema and isinstance(data.get(section), dict):
+            dropped = [k for k in data[section] if k not in schema.model_fields]
+            if dropped:
+                print(f"unitune: {section}.name={chosen[section]}: the recipe's {', '.join(dropped)} "
+                      f"({in_file}'s) set aside", file=sys.stderr, flush=True)
+            data[section] = {k: v for k, v in data[section].items() if k in schema.model_fields}
     for item, keys, raw in pairs:
         node = data
         for k in keys[:-1]:
