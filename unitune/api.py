@@ -28,6 +28,7 @@ from unitune.engine import resume as resuming
 from unitune.engine.loop import is_main_process, train_loop
 from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
+from unitune.engine.precompute import precompute_for_run
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
@@ -140,6 +141,10 @@ def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int, model: torc
                    objective.collate)
 
 
+def _precomputed():
+    raise RuntimeError("objective.precompute_ref: a batch without its precomputed reference log-probs")
+
+
 def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, samples_out: list | None = None):
     """A closure computing every validation metric the recipe's data allows."""
     if not val:
@@ -217,10 +222,17 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     objective = objective_of(recipe)
-    ref = reference(loaded.model, recipe.method) if getattr(objective, "NEEDS_REF", False) else None
+    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
+    ref = None
+    if getattr(recipe.objective, "precompute_ref", False):
+        # the model has not trained yet (a resumed one loads its checkpoint in the loop), so it is its own reference
+        precompute_for_run(objective, recipe, reference(loaded.model, recipe.method, untrained=True), batches, data.val,
+                           device, amp)
+        ref = _precomputed
+    elif getattr(objective, "NEEDS_REF", False):
+        ref = reference(loaded.model, recipe.method)
     samples: list[dict] = []
     evaluate = make_evaluator(recipe, loaded, data.val, device, amp, ref, samples)
-    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
 
     def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
         return objective.loss(model, batch, recipe.objective, ref)

@@ -76,6 +76,20 @@ def test_sequence_logps_equal_the_full_softmax(tiny_llama, pair_data, tokenizer)
     torch.testing.assert_close(pairs.chosen_nll(chosen, n_chosen) / 3, ce, atol=1e-5, rtol=1e-5)
 
 
+def test_kto_mismatched_rows_are_cut_to_max_length_in_the_runs_batches():
+    """A KL row joins one row's prompt with another's completion, so it can outgrow data.max_length; the
+    engine's batches hand max_length to the collator, which cuts it as TRL does (keeping its start)."""
+    from unitune.data import Batches
+    from unitune.data.preference import UnpairedExample
+    from unitune.objectives import kto
+
+    examples = [UnpairedExample(list(range(10, 20)), [5, 6], True, "a"), UnpairedExample([7, 8], list(range(30, 40)),
+                                                                                         False, "b")]
+    batch = Batches(examples, 2, False, 12, 0, 0, kto.collate).next()
+    rows = {tuple(r[m.bool()].tolist()) for r, m in zip(batch["kl_input_ids"], batch["kl_attention_mask"])}
+    assert rows == {(*range(10, 20), 30, 31), (7, 8, 5, 6)}  # row a: its prompt + b's completion, cut to 12
+
+
 def test_reference_is_the_base_without_a_second_copy_or_a_frozen_copy(tiny_llama, pair_data, tokenizer):
     x = torch.randint(3, 300, (1, 9))
     for name, shares in (("lora", True), ("full", False)):
@@ -111,6 +125,39 @@ def test_accumulated_pairs_equal_one_large_batch(tiny_recipe, pair_data):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     for run in runs:  # the mean over pairs: at the first step the policy is the reference, each pair log 2
         assert run.history[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4}, {"name": "full"}])
+def test_precomputed_reference_gives_the_same_run_with_two_passes_a_step(tiny_recipe, pair_data, method, monkeypatch):
+    """objective.precompute_ref: the same losses, rewards and weights as the reference computed at each
+    step; the reference never runs inside the loop; only the pairs the steps use are computed; under
+    full fine-tuning no frozen copy is made."""
+    from unitune import api
+    from unitune.engine import precompute
+
+    runs, computed, copies = {}, {}, []
+    real_precompute, real_reference = precompute.precompute, api.reference
+    monkeypatch.setattr(api, "reference", lambda model, cfg, untrained=False: copies.append(untrained) or
+                        real_reference(model, cfg, untrained))
+
+    def counting(objective, cfg, ref, examples, indices, *args):
+        computed[args[-1]] = len(indices)
+        return real_precompute(objective, cfg, ref, examples, indices, *args)
+
+    monkeypatch.setattr(precompute, "precompute", counting)
+    for pre in (False, True):
+        recipe = _recipe(tiny_recipe, pair_data, {"name": "dpo", "precompute_ref": pre}, steps=3, batch_size=2,
+                         precision="fp32", eval_every=None)
+        recipe.update(method=method, eval={"generate": 0, "batch_size": 3}, output={**recipe["output"], "name": str(pre)})
+        runs[pre] = unitune.train(recipe)
+    assert computed == {"reference log-probs (train)": 6, "reference log-probs (val)": 8}  # 3 steps of 2 of 16
+    assert copies == [False, True]  # the run without: its reference; with: only the untrained model
+    a, b = ([r for r in runs[k].history if r["split"] == "train"] for k in (False, True))
+    for x, y in zip(a, b):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert y[k] == pytest.approx(x[k], abs=1e-5), k
+    assert runs[True].metrics["val_rewards/margins"] == pytest.approx(runs[False].metrics["val_rewards/margins"], abs=1e-5)
+    assert runs[True].before["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_every_objective_is_a_module_with_the_contract():

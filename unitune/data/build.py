@@ -98,8 +98,9 @@ class Batches:
     """
 
     def __init__(self, examples: list, batch_size: int, packing: bool, max_length: int, pad_id: int, seed: int,
-                 collate: Callable[[list, list[list[int]], int, bool], dict]):
+                 collate: Callable[..., dict]):
         self.examples, self.batch_size, self.packing, self.pad_id, self.seed = examples, batch_size, packing, pad_id, seed
+        self.max_length = max_length
         self.collate = collate
         self.rows = pack(examples, max_length, seed) if packing else None
         self.cursor = 0
@@ -123,9 +124,9 @@ class Batches:
     def next(self) -> dict:
         epoch, i = divmod(self.cursor, len(self))
         self.cursor += 1
-        return self.collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing)
+        return self.collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing, self.max_length)
 
     def all(self):
         """Every batch of one pass, in order (evaluation)."""
         for rows in self.plan(0):
-            yield self.collate(self.examples, rows, self.pad_id, self.packing)
+            yield self.collate(self.examples, rows, self.pad_id, self.packing, self.max_length)

@@ -55,7 +55,8 @@ def group_by_length(examples: list[Example], batch_size: int, seed: int) -> list
     return rows
 
 
-def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool) -> dict:
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool, max_length: int | None = None
+            ) -> dict:
     """Tensors for a batch of rows; pad positions carry no loss."""
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -80,6 +80,7 @@ class PairExample:
     where: str
     truncated: bool = False
     margin: float | None = None
+    ref_logps: tuple[float, float] | None = None  # the reference's (chosen, rejected), when precomputed
 
     @property
     def length(self) -> int:
@@ -409,12 +410,15 @@ def _rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
 
 def collate_pairs(examples: list[PairExample], pad_id: int) -> dict:
     """Rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected (TRL's DataCollatorForPreference layout): one forward
-    pass for both sides. `margin` [B] when every pair has one."""
+    pass for both sides. `margin` [B] when every pair has one; `ref_logps` [B, 2] when every pair has its
+    reference log-probabilities precomputed (engine/precompute.py)."""
     batch = _rows([(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples],
                   pad_id)
     batch.update(real_tokens=int(batch["attention_mask"].sum()), pairs=len(examples))
     if all(e.margin is not None for e in examples):
         batch["margin"] = torch.tensor([e.margin for e in examples], dtype=torch.float)
+    if all(e.ref_logps is not None for e in examples):
+        batch["ref_logps"] = torch.tensor([e.ref_logps for e in examples], dtype=torch.float)
     return batch
 
 

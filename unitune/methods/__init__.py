@@ -61,13 +61,14 @@ def layer_quantizer(cfg):
     return functools.partial(quantizer, cfg) if quantizer else None
 
 
-def reference(model, cfg) -> Callable[[], AbstractContextManager]:
+def reference(model, cfg, untrained: bool = False) -> Callable[[], AbstractContextManager]:
     """The reference policy for objectives that need one (DPO, KTO): a context manager factory that
     yields the model as it was before training, in eval mode. With a method that can switch its
     adapters off, that is the same model with them off: no second copy in memory (FIELD-NOTES
-    trap 6). Otherwise a frozen copy is taken now, before the first step."""
+    trap 6). Otherwise a frozen copy is taken now, before the first step; or, when the caller only
+    uses it before that step (`untrained`: references precomputed once), the model itself."""
     disabled = getattr(METHODS[cfg.name], "disabled", None)
-    frozen = None if disabled else copy.deepcopy(model).requires_grad_(False).eval()
+    frozen = None if disabled or untrained else copy.deepcopy(model).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def ref():
@@ -77,7 +78,7 @@ def reference(model, cfg) -> Callable[[], AbstractContextManager]:
         was_training = model.training
         model.eval()
         try:
-            with disabled(model):
+            with disabled(model) if disabled else contextlib.nullcontext():
                 yield model
         finally:
             model.train(was_training)

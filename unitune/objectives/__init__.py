@@ -7,7 +7,7 @@ An objective module exports:
   as too long by data.truncation; raises DataError / NothingToLearn naming the row). An example has
   `length` (tokens it takes in a batch), `n_loss` and `truncated`;
 - `PACKS`: whether several examples may share a row (`collate` then gets packed rows);
-- `collate(examples, rows, pad_id, packed) -> batch`: tensors for rows of example indices;
+- `collate(examples, rows, pad_id, packed, max_length) -> batch`: tensors for rows of example indices;
 - `count(batch) -> int`: what one optimizer step normalises by (loss tokens, pairs, ...), summed over
   its micro-batches, so gradient accumulation gives exactly the gradient of one large batch;
 - `loss(model, batch, cfg, ref) -> (loss_sum, metrics)`: the loss summed over the batch's counted
@@ -15,6 +15,9 @@ An objective module exports:
   (throughput). `ref` is a context manager yielding the reference model: the policy with its
   adapters disabled where the method can, else a frozen copy; only used by objectives with NEEDS_REF;
 - optionally `summarize(means) -> dict`: evaluation figures derived from the means (perplexity).
+- optionally `reference_logps(reference, batch, cfg) -> [examples, k]`, with a `precompute_ref` field in
+  Config: the reference's values computed once before training (engine/precompute.py), kept on the
+  examples as `ref_logps` and handed by the collator to the loss, which then skips its reference pass.
 - optionally `NUM_LABELS`: the model is loaded as a sequence classifier with that many outputs (a reward
   model: 1) instead of a causal LM; its new head trains in full under every method.
 

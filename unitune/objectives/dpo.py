@@ -32,12 +32,24 @@ class Config(Section):
     # pairs while lowering the chosen answer's likelihood too; this keeps the model writing it.
     rpo_alpha: float | None = Field(None, ge=0)
     loss_chunk: int = Field(1024, gt=0)  # completion tokens per vocabulary-projection chunk
+    # compute the reference log-probs of the pairs the run uses once, before training (TRL's
+    # precompute_ref_log_probs): two passes a step instead of three, and no frozen copy under full FT
+    precompute_ref: bool = False
+
+
+def reference_logps(reference: nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
+    """[pairs, 2]: the reference's chosen and rejected log-probs, for engine/precompute.py."""
+    chosen, rejected, _, _ = pairs.logps(reference, batch, cfg.loss_chunk)
+    return torch.stack([chosen, rejected], 1)
 
 
 def loss(model: nn.Module, batch: dict, cfg: Config, ref) -> tuple[torch.Tensor, dict]:
     chosen, rejected, n_chosen, n_rejected = pairs.logps(model, batch, cfg.loss_chunk)
-    with torch.no_grad(), ref() as reference:
-        ref_chosen, ref_rejected, _, _ = pairs.logps(reference, batch, cfg.loss_chunk)
+    if "ref_logps" in batch:
+        ref_chosen, ref_rejected = batch["ref_logps"].to(chosen.dtype).unbind(1)
+    else:
+        with torch.no_grad(), ref() as reference:
+            ref_chosen, ref_rejected = reference_logps(reference, batch, cfg).unbind(1)
     out = preference.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
                          label_smoothing=cfg.label_smoothing, chosen_lengths=n_chosen, rejected_lengths=n_rejected)
     total = out.losses.sum()

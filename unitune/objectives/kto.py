@@ -40,8 +40,8 @@ def example(row: Row, tok: PreTrainedTokenizerBase, cfg: DataConfig, roles: froz
     return ex
 
 
-def collate(examples: list, rows: list[list[int]], pad_id: int, packed: bool) -> dict:
-    return data.collate_unpaired([examples[i] for row in rows for i in row], pad_id)
+def collate(examples: list, rows: list[list[int]], pad_id: int, packed: bool, max_length: int | None = None) -> dict:
+    return data.collate_unpaired([examples[i] for row in rows for i in row], pad_id, max_length)
 
 
 def count(batch: dict) -> int:

@@ -23,7 +23,7 @@ def example(row: Row, tok: PreTrainedTokenizerBase, cfg: DataConfig, roles: froz
     return ex
 
 
-def collate(examples: list, rows: list[list[int]], pad_id: int, packed: bool) -> dict:
+def collate(examples: list, rows: list[list[int]], pad_id: int, packed: bool, max_length: int | None = None) -> dict:
     return preference.collate_pairs([examples[i] for row in rows for i in row], pad_id)
 
 
