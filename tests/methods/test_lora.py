@@ -97,6 +97,36 @@ def test_merged_path_gradients_match_the_textbook_form(tiny_gpt2, tiny_llama):
             torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-6, rtol=1e-4)
 
 
+def test_few_tokens_take_the_low_rank_path_and_agree(tiny_llama, monkeypatch):
+    """Decoding (a token or two a row) must not rebuild W + s·B·A per step: below in·out/(in+out) tokens
+    the layer takes the thin low-rank path; both paths give the same output."""
+    model = _randomize(lora.apply(_load(tiny_llama), Config(r=4, target_modules="all-linear"))).eval()
+    layer = model.model.layers[0].self_attn.q_proj
+    d_out, d_in = layer.base_layer.weight.shape
+    few, many = torch.randn(2, 1, d_in), torch.randn(1, d_in * d_out // (d_in + d_out) + 1, d_in)
+    assert not layer.merges_for(few) and layer.merges_for(many)
+    merges = []
+    real = lora._MergedLoRA.apply
+    monkeypatch.setattr(lora._MergedLoRA, "apply", lambda *a: merges.append(1) or real(*a))
+    with torch.no_grad():
+        for x in (few, many):
+            low_rank = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+            torch.testing.assert_close(layer(x), low_rank, atol=1e-5, rtol=1e-5)
+    assert len(merges) == 1  # the long input only
+
+
+def test_dora_norm_is_kept_until_the_weights_change(tiny_llama):
+    model = lora.apply(_load(tiny_llama), Config(r=4, target_modules=["q_proj"], dora=True))
+    layer = model.model.layers[0].self_attn.q_proj
+    first = layer.dora_norm("default")
+    assert layer.dora_norm("default") is first  # decoding reuses it
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(0.5)  # an optimizer step
+    w = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(layer.dora_norm("default"), torch.linalg.norm(w, dim=1))
+    assert not torch.allclose(layer.dora_norm("default"), first)
+
+
 def test_loraplus_groups_match_peft(tiny_llama):
     from peft.optimizers import create_loraplus_optimizer
 

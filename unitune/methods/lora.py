@@ -97,7 +97,9 @@ class _MergedLoRA(torch.autograd.Function):
     in forward and backward; on a CPU that is ~30% on top of the frozen matmul. Merging the
     rank-r update into the weight costs out·in·r flops, and the gradients of A and B go through
     the thin (tokens x r) products, never through the full weight gradient (Unsloth's trick).
-    Exact in real arithmetic; used without dropout and outside autocast.
+    Exact in real arithmetic; used without dropout and outside autocast, and only for inputs of
+    more tokens than in·out/(in+out): below that (decoding, a few tokens a step) rebuilding the
+    weight costs more than the two thin matmuls it saves (FIELD-NOTES trap 12).
     """
 
     @staticmethod
@@ -197,16 +199,30 @@ class LoRALinear(nn.Module):
         w.copy_((residual.T if self.fan_in_fan_out else residual).to(w.dtype))
         self.lora_init[adapter] = (a.clone(), b.clone())
 
+    def merges_for(self, x: torch.Tensor) -> bool:
+        """Whether folding B·A into W first is cheaper for this input: out·in·r flops to fold, against
+        tokens·r·(in+out) for the low-rank path, whatever the rank."""
+        w = self.base_layer.weight
+        return x.numel() // x.shape[-1] * (w.shape[0] + w.shape[1]) > w.shape[0] * w.shape[1]
+
     def linear_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
     def dora_norm(self, adapter: str) -> torch.Tensor:
-        """||W + s·B A|| per output row, as a constant (no gradient flows through it)."""
+        """||W + s·B A|| per output row, as a constant (no gradient flows through it). Kept until A, B or
+        W change (their tensor versions), so decoding does not rebuild the full weight at every token."""
+        a, b, w = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.base_layer.weight
+        key = (a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr())
+        cached = self.__dict__.setdefault("_norms", {}).get(adapter)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
             w = self.linear_weight()
             lora_w = self.lora_B[adapter].weight @ self.lora_A[adapter].weight
-            return torch.linalg.norm(w + self.scaling[adapter] * lora_w.to(w.dtype), dim=1)
+            norm = torch.linalg.norm(w + self.scaling[adapter] * lora_w.to(w.dtype), dim=1)
+        self._norms[adapter] = (key, norm)
+        return norm
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """The update B·A·scale in the base weight's layout."""
@@ -251,7 +267,7 @@ class LoRALinear(nn.Module):
         no_dropout = isinstance(dropout, nn.Identity) or not self.training
         if self.active in self.lora_magnitude_vector:
             return self._dora_forward(x, a, b, dropout, no_dropout)
-        if (no_dropout and not getattr(self.base_layer, "quantized", False)
+        if (no_dropout and not getattr(self.base_layer, "quantized", False) and self.merges_for(x)
                 and self.base_layer.weight.dtype == x.dtype == a.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
             return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight,
