@@ -141,6 +141,14 @@ def _batches(recipe: Recipe, examples, pad_id: int, batch_size: int, model: torc
                    objective.collate)
 
 
+def needs_ref(recipe: Recipe) -> bool:
+    """Whether the objective, as configured, compares the policy with a reference (DPO, KTO; GRPO with beta > 0)."""
+    objective = objective_of(recipe)
+    if hasattr(objective, "needs_ref"):
+        return objective.needs_ref(recipe.objective)
+    return getattr(objective, "NEEDS_REF", False)
+
+
 def _precomputed():
     raise RuntimeError("objective.precompute_ref: a batch without its precomputed reference log-probs")
 
@@ -149,6 +157,9 @@ def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, s
     """A closure computing every validation metric the recipe's data allows."""
     if not val:
         return None
+    objective = objective_of(recipe)
+    if hasattr(objective, "evaluate"):  # an online objective measures what it generates, not a loss
+        return lambda: objective.evaluate(loaded.model, loaded.tokenizer, val, recipe, device, amp)
     batches = _batches(recipe, val, loaded.tokenizer.pad_token_id, recipe.eval.batch_size, loaded.model)
     ev = recipe.eval
 
@@ -222,15 +233,18 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     objective = objective_of(recipe)
-    batches = _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
+    batches = None if hasattr(objective, "source") else \
+        _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     ref = None
     if getattr(recipe.objective, "precompute_ref", False):
         # the model has not trained yet (a resumed one loads its checkpoint in the loop), so it is its own reference
         precompute_for_run(objective, recipe, reference(loaded.model, recipe.method, untrained=True), batches, data.val,
                            device, amp)
         ref = _precomputed
-    elif getattr(objective, "NEEDS_REF", False):
+    elif needs_ref(recipe):
         ref = reference(loaded.model, recipe.method)
+    if hasattr(objective, "source"):  # an online objective generates its batches with the policy as it trains
+        batches = objective.source(data.train, loaded.model, loaded.tokenizer, recipe, ref, device, amp)
     samples: list[dict] = []
     evaluate = make_evaluator(recipe, loaded, data.val, device, amp, ref, samples)
 
@@ -291,41 +305,54 @@ def _head_outputs(adapter: Path) -> int | None:
     return heads[0]
 
 
-@torch.no_grad()
+class RewardModel:
+    """A trained reward model (a run directory, or the adapter directory of one) as a reward function.
+    A pair is rendered as training rendered pairs (data/preference.py): a string prompt is one user turn
+    and a string completion one assistant turn, or both are message lists; the run's system prompt, chat
+    template, max_length and truncation apply."""
+
+    def __init__(self, target: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
+        path = Path(target)
+        loaded = load_run_or_model(path, device)
+        self.model, self.tok, self.device, self.batch_size = loaded.model.eval(), loaded.tokenizer, device, batch_size
+        if io.task_type(self.model) != "SEQ_CLS" or self.model.config.num_labels != 1:
+            raise ValueError(f"{target} is not a reward model (a sequence classifier with one output): train one "
+                             "with objective.name=reward")
+        self.data = load_recipe(path / "recipe.yaml").data if (path / "recipe.yaml").is_file() else DataConfig()
+        self.roles = template_roles(self.tok)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str | list[dict]], completions: list[str | list[dict]]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions; give one of each "
+                             "per pair")
+        data, tok = self.data, self.tok
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            row = Row({"prompt": prompt, "completion": completion, "label": True}, f"score: pair {i}")
+            ex = preference.tokenize_unpaired(tok, preference.to_unpaired(row, data.system_prompt, self.roles),
+                                              data.max_length, data.truncation)
+            if ex is None:
+                raise ValueError(f"{row.where}: longer than data.max_length={data.max_length} with "
+                                 f"data.truncation={data.truncation}; shorten it")
+            rows.append(torch.tensor(ex.prompt_ids + ex.completion_ids))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
+        out = [0.0] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            ids = pad_sequence([rows[i] for i in chunk], batch_first=True, padding_value=tok.pad_token_id)
+            mask = pad_sequence([torch.ones_like(rows[i]) for i in chunk], batch_first=True)
+            batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+            for i, r in zip(chunk, rewards(self.model, batch)):
+                out[i] = float(r)
+        return out
+
+
 def score(target: str | Path, prompts: list[str | list[dict]], completions: list[str | list[dict]],
           batch_size: int = 16, device: torch.device | str = "cpu") -> list[float]:
     """The rewards a reward model (a run directory, or the adapter directory of one) gives each completion
-    of its prompt. A pair is rendered as training rendered pairs (data/preference.py): a string prompt is one
-    user turn and a string completion one assistant turn, or both are message lists; the run's system
-    prompt, chat template, max_length and truncation apply."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions; give one of each per pair")
-    path = Path(target)
-    loaded = load_run_or_model(path, device)
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    if io.task_type(model) != "SEQ_CLS" or model.config.num_labels != 1:
-        raise ValueError(f"{target} is not a reward model (a sequence classifier with one output): train one with "
-                         "objective.name=reward")
-    data = load_recipe(path / "recipe.yaml").data if (path / "recipe.yaml").is_file() else DataConfig()
-    roles = template_roles(tok)
-    rows = []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        row = Row({"prompt": prompt, "completion": completion, "label": True}, f"score: pair {i}")
-        ex = preference.tokenize_unpaired(tok, preference.to_unpaired(row, data.system_prompt, roles),
-                                          data.max_length, data.truncation)
-        if ex is None:
-            raise ValueError(f"{row.where}: longer than data.max_length={data.max_length} with "
-                             f"data.truncation={data.truncation}; shorten it")
-        rows.append(torch.tensor(ex.prompt_ids + ex.completion_ids))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
-    out = [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids = pad_sequence([rows[i] for i in chunk], batch_first=True, padding_value=tok.pad_token_id)
-        mask = pad_sequence([torch.ones_like(rows[i]) for i in chunk], batch_first=True)
-        for i, r in zip(chunk, rewards(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})):
-            out[i] = float(r)
-    return out
+    of its prompt; see RewardModel."""
+    return RewardModel(target, device, batch_size)(prompts, completions)
 
 
 def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -351,8 +378,8 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective.example)
     val = data.val or data.train
     # The reference of a preference objective is the base model, for the base and the tuned alike.
-    base = copy.deepcopy(loaded.model).eval() if run and getattr(objective, "NEEDS_REF", False) else loaded.model
-    ref = (lambda: contextlib.nullcontext(base)) if getattr(objective, "NEEDS_REF", False) else None
+    base = copy.deepcopy(loaded.model).eval() if run and needs_ref(recipe) else loaded.model
+    ref = (lambda: contextlib.nullcontext(base)) if needs_ref(recipe) else None
     results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref)()}
     if run:
         loaded.model = io.load_adapter(loaded.model, Path(run) / "adapter") if (Path(run) / "adapter").is_dir() \

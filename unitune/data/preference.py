@@ -305,6 +305,16 @@ def to_unpaired(row: Row, system: str | None = None, roles: frozenset[str] = DEF
     return UnpairedSample(_prompt(row, p, system, roles), _answer(row, "completion", c, "the prompt"), label, row.where)
 
 
+def to_prompt(row: Row, system: str | None = None, roles: frozenset[str] = DEFAULT_ROLES) -> list[dict]:
+    """A prompt for online RL: `prompt` as a string (one user turn) or a list of messages ending with a user
+    turn. The row's other columns stay on the row, for the reward functions."""
+    _need(row, ("prompt",), "a prompt row")
+    kind = _kind(row, "prompt")
+    if kind is None:
+        raise DataError(f"{row.where}: 'prompt' is empty (null); fill it in or drop the row")
+    return _prompt(row, _messages(row, "prompt", roles) if kind is list else _turn(row, "prompt"), system, roles)
+
+
 def unpair(pair: PairSample) -> tuple[UnpairedSample, UnpairedSample]:
     """A pair as two unpaired rows, chosen desirable and rejected not: how TRL's KTOTrainer reads a pair file
     (`unpair_preference_dataset`)."""

@@ -48,10 +48,14 @@ def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / "weights.safetensors")
 
 
-def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, trainer: dict, keep: int) -> Path:
+def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, trainer: dict, keep: int,
+         source: dict[str, torch.Tensor] | None = None) -> Path:
+    """`source`: a batch source's own tensors (an online objective's rollout buffer), beside its cursor."""
     final = ckpt_dir / f"step-{step}"
     with atomic.directory(final) as tmp:
         save_weights(weights, tmp)
+        if source:
+            save_file({k: v.contiguous() for k, v in source.items()}, tmp / "source.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         plain, tensors = rng_state()
         save_file(tensors, tmp / "rng.safetensors")
@@ -90,4 +94,6 @@ def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(opt["scheduler"])
     trainer = json.loads((path / "trainer.json").read_text())
     set_rng_state(trainer.pop("rng"), load_file(path / "rng.safetensors"))
+    if (path / "source.safetensors").is_file():
+        trainer["source_tensors"] = load_file(path / "source.safetensors")
     return trainer

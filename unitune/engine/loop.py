@@ -117,6 +117,8 @@ def train_loop(
         state.update(checkpoint.load(ckpt_dir / f"step-{saved[-1]}", model, optimizer, scheduler))
         start = state.pop("step")
         batches.cursor = state["cursor"]
+        if hasattr(batches, "restore"):  # a batch source with state of its own (an online objective's buffer)
+            batches.restore(state.pop("source", None), state.pop("source_tensors", {}))
         history.truncate_after(start)
         print(f"unitune: resumed from {ckpt_dir / f'step-{start}'}", flush=True)
     elif history.path.exists() and is_main_process():
@@ -144,7 +146,10 @@ def train_loop(
     def save(step: int) -> None:
         if is_main_process():
             state["cursor"] = batches.cursor
-            checkpoint.save(ckpt_dir, step, dict(trainable), optimizer, scheduler, state, cfg.keep_checkpoints)
+            tensors = None
+            if hasattr(batches, "state"):
+                state["source"], tensors = batches.state()
+            checkpoint.save(ckpt_dir, step, dict(trainable), optimizer, scheduler, state, cfg.keep_checkpoints, tensors)
 
     def stop_non_finite(what: str) -> None:
         last = checkpoint.list_checkpoints(ckpt_dir)
@@ -161,6 +166,7 @@ def train_loop(
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         micro = [batches.next() for _ in range(cfg.grad_accum)]
+        fetch = time.perf_counter() - t0  # an online objective generates here: not training time
         n = max(sum(count(b) for b in micro), 1)
         step_loss, sums = 0.0, {}
         for batch in micro:
@@ -190,7 +196,7 @@ def train_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        train_time += time.perf_counter() - t0
+        train_time += time.perf_counter() - t0 - fetch
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time, **{k: v / n for k, v in sums.items()}}
         if step % cfg.log_every == 0 or step == steps:

@@ -18,6 +18,11 @@ An objective module exports:
 - optionally `reference_logps(reference, batch, cfg) -> [examples, k]`, with a `precompute_ref` field in
   Config: the reference's values computed once before training (engine/precompute.py), kept on the
   examples as `ref_logps` and handed by the collator to the loss, which then skips its reference pass.
+- optionally `needs_ref(cfg) -> bool`, where NEEDS_REF depends on the config (GRPO: beta > 0);
+- optionally, for online objectives that generate as they train (GRPO): `source(examples, model, tok,
+  recipe, ref, device, amp)`, the batch source the loop draws from instead of the fixed data plan (the
+  step seam: `next()` samples with the current policy and scores; `cursor`; `state()`/`restore()` put
+  its buffer in the checkpoint), and `evaluate(model, tok, val, recipe, device, amp) -> metrics`.
 - optionally `NUM_LABELS`: the model is loaded as a sequence classifier with that many outputs (a reward
   model: 1) instead of a causal LM; its new head trains in full under every method.
 
@@ -27,10 +32,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import dpo, kto, orpo, reward, simpo, sft
+from unitune.objectives import dpo, grpo, kto, orpo, reward, simpo, sft
 
 OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto,
-                                     "reward": reward}
+                                     "reward": reward, "grpo": grpo}
 
 
 def objective_config(data: dict):

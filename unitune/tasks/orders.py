@@ -121,3 +121,45 @@ def _feedback_row(rng: random.Random, held_out: bool) -> dict:
 def write_feedback(out_dir: str | Path, n_train: int = 400, n_val: int = 64, seed: int = 4321) -> Path:
     """Unpaired feedback for KTO (prompt, completion, label): each order once, answered right or wrong."""
     return _write_splits(out_dir, n_train, n_val, seed, _feedback_row)
+
+
+def _prompt_row(rng: random.Random, held_out: bool) -> dict:
+    row = make_row(rng, held_out)
+    return {"prompt": f"{row['instruction']}\n\n{row['input']}", "answer": row["output"]}
+
+
+def write_prompts(out_dir: str | Path, n_train: int = 400, n_val: int = 48, seed: int = 5678) -> Path:
+    """Prompts for online RL (GRPO, PPO) with the right answer beside each, for the rewards below."""
+    return _write_splits(out_dir, n_train, n_val, seed, _prompt_row)
+
+
+def _parse(completion: str) -> dict | None:
+    """The first JSON object in a completion (a model may wrap it in prose or a code fence)."""
+    start = completion.find("{")
+    if start < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(completion[start:])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def field_reward(prompts: list, completions: list[str], answer: list[str], **_) -> list[float]:
+    """Partial credit, checked by code: the share of the four fields given right (0 for no JSON object), minus
+    0.25 for text around the JSON, so the whole answer is one line of JSON."""
+    out = []
+    for completion, truth in zip(completions, answer):
+        got, want = _parse(completion), json.loads(truth)
+        if got is None:
+            out.append(0.0)
+            continue
+        right = sum(got.get(k) == v for k, v in want.items()) / len(want)
+        extra = completion.strip() != json.dumps(got)
+        out.append(right - 0.25 * extra)
+    return out
+
+
+def exact_reward(prompts: list, completions: list[str], answer: list[str], **_) -> list[float]:
+    """1 when the answer is exactly the right line of JSON (the quickstart's exact match), else 0."""
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
