@@ -161,7 +161,9 @@ def train_loop(
         run_eval(0)  # the "before" number: what the run changed is measured against it
     model.train()
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not is_main_process())
-    tokens_seen, train_time = 0, 0.0  # throughput counts training time only, not evaluation
+    # throughput counts training time only, not evaluation nor batch fetching (an online objective's generation);
+    # elapsed_s is the steps' whole wall time, fetching included (steps per hour)
+    tokens_seen, train_time, elapsed = 0, 0.0, 0.0
     step = start
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
@@ -196,9 +198,11 @@ def train_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        elapsed += time.perf_counter() - t0
         train_time += time.perf_counter() - t0 - fetch
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time, **{k: v / n for k, v in sums.items()}}
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time, "elapsed_s": elapsed,
+                  **{k: v / n for k, v in sums.items()}}
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
