@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from sft_lora_cpu import model_dir
-from spawn import spawn
+from spawn import alternate, ratios, span
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, BETA, R, ALPHA = 512, 8, 5e-4, 0.1, 16, 32
@@ -122,30 +122,18 @@ def main() -> None:
     os.environ.update(BENCH_DIR=str(bench), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     pairs_file(bench, a.steps * BATCH)
     model_dir()  # convert the GGUF once, outside the timings
-    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for rnd in range(a.rounds):
-        for system in (list(SYSTEMS) if rnd % 2 == 0 else list(SYSTEMS)[::-1]):
-            out = spawn(__file__, ["--worker", system, "--steps", str(a.steps)])
-            if "error" in out:
-                raise SystemExit(f"{system} failed: {out['error']}")
-            results[system].append(out)
-            print(f"round {rnd + 1} {system}: {out}", flush=True)
-
-    def rng(xs, spec=".0f"):
-        return f"{min(xs):{spec}}-{max(xs):{spec}}" if len(xs) > 1 else f"{xs[0]:{spec}}"
-
-    def ratio(a_, b_, key):
-        return rng([x[key] / y[key] for x in results[a_] for y in results[b_]], ".2f") + "x"
+    results = alternate(__file__, list(SYSTEMS), a.rounds, ["--steps", str(a.steps)])
 
     lines = [f"LoRA DPO (sigmoid, beta {BETA}), SmolLM2-135M-Instruct, r={R} all linear layers, max length {SEQ}, "
              f"{BATCH} pairs a step, {a.steps} steps, {a.rounds} rounds alternating, {os.cpu_count()} CPU cores, fp32",
              "", "| system | tokens/s (loop) | peak RSS (MiB) | wall s (load, precompute, train) |", "|---|---|---|---|"]
     for s, name in SYSTEMS.items():
-        lines.append(f"| {name} | {rng([r['tokens_per_s'] for r in results[s]])} | "
-                     f"{rng([r['peak_rss_mib'] for r in results[s]])} | {rng([r['wall_s'] for r in results[s]])} |")
+        lines.append(f"| {name} | {span([r['tokens_per_s'] for r in results[s]])} | "
+                     f"{span([r['peak_rss_mib'] for r in results[s]])} | {span([r['wall_s'] for r in results[s]])} |")
     for ours, theirs in (("unitune", "trl"), ("unitune-pre", "trl-pre"), ("unitune", "trl-pre")):
-        lines.append(f"| ratio {ours} / {theirs} | {ratio(ours, theirs, 'tokens_per_s')} | "
-                     f"{ratio(ours, theirs, 'peak_rss_mib')} | {ratio(ours, theirs, 'wall_s')} |")
+        u, t = results[ours], results[theirs]
+        lines.append(f"| ratio {ours} / {theirs} | {ratios(u, t, 'tokens_per_s')} | {ratios(u, t, 'peak_rss_mib')} | "
+                     f"{ratios(u, t, 'wall_s')} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from sft_lora_cpu import model_dir
-from spawn import spawn
+from spawn import alternate, span
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, NEW, R = 8, 64, 16
@@ -76,21 +76,13 @@ def main() -> None:
         return worker(a.worker)
     os.environ.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     model_dir()
-    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for rnd in range(a.rounds):
-        for system in (list(SYSTEMS) if rnd % 2 == 0 else list(SYSTEMS)[::-1]):
-            out = spawn(__file__, ["--worker", system])
-            if "error" in out:
-                raise SystemExit(f"{system} failed: {out['error']}")
-            results[system].append(out)
-            print(f"round {rnd + 1} {system}: {out}", flush=True)
-    rng = lambda xs, f=".1f": f"{min(xs):{f}}-{max(xs):{f}}"  # noqa: E731
+    results = alternate(__file__, list(SYSTEMS), a.rounds, [])
     lines = [f"Greedy generation, SmolLM2-135M-Instruct + LoRA r{R} all linear layers, batch {BATCH}, {NEW} new tokens, "
              f"{a.rounds} rounds alternating, {os.cpu_count()} CPU cores, fp32", "",
              "| system | tokens/s | ratio to merged (same round) |", "|---|---|---|"]
     for s, name in SYSTEMS.items():
         ratios = [x["tokens_per_s"] / m["tokens_per_s"] for x, m in zip(results[s], results["merged"])]
-        lines.append(f"| {name} | {rng([r['tokens_per_s'] for r in results[s]])} | {rng(ratios, '.2f')}x |")
+        lines.append(f"| {name} | {span([r['tokens_per_s'] for r in results[s]], '.1f')} | {span(ratios, '.2f')}x |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (ROOT / "benchmarks" / "results" / "generation.md").write_text(text)

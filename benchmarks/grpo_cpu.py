@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sft_lora_cpu import model_dir
-from spawn import spawn
+from spawn import alternate, ratios, span
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, PROMPTS, NEW, LR, R, ALPHA = 8, 2, 48, 2e-4, 16, 32
@@ -128,31 +128,19 @@ def main() -> None:
     os.environ.update(BENCH_DIR=str(bench), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     prompts_file(bench)
     model_dir()
-    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for rnd in range(a.rounds):
-        for system in (list(SYSTEMS) if rnd % 2 == 0 else list(SYSTEMS)[::-1]):
-            out = spawn(__file__, ["--worker", system, "--steps", str(a.steps)])
-            if "error" in out:
-                raise SystemExit(f"{system} failed: {out['error']}")
-            results[system].append(out)
-            print(f"round {rnd + 1} {system}: {out}", flush=True)
-
-    def rng(xs, spec=".0f"):
-        return f"{min(xs):{spec}}-{max(xs):{spec}}" if len(xs) > 1 else f"{xs[0]:{spec}}"
-
-    def ratio(key):
-        return rng([x[key] / y[key] for x in results["unitune"] for y in results["trl"]], ".2f") + "x"
+    results = alternate(__file__, list(SYSTEMS), a.rounds, ["--steps", str(a.steps)])
+    u, t = results["unitune"], results["trl"]
 
     lines = [f"GRPO (dapo, beta 0), SmolLM2-135M-Instruct + LoRA r{R} all linear layers, {PROMPTS} prompts x {GROUP} "
              f"completions a step, {NEW} new tokens max, {a.steps} steps, {a.rounds} rounds alternating, "
              f"{os.cpu_count()} CPU cores, fp32", "",
              "| system | steps/hour | generation tokens/s | peak RSS (MiB) |", "|---|---|---|---|"]
     for s, name in SYSTEMS.items():
-        lines.append(f"| {name} | {rng([r['steps_per_hour'] for r in results[s]])} | "
-                     f"{rng([r['gen_tokens_per_s'] for r in results[s]], '.1f')} | "
-                     f"{rng([r['peak_rss_mib'] for r in results[s]])} |")
-    lines.append(f"| ratio unitune / trl | {ratio('steps_per_hour')} | {ratio('gen_tokens_per_s')} | "
-                 f"{ratio('peak_rss_mib')} |")
+        lines.append(f"| {name} | {span([r['steps_per_hour'] for r in results[s]])} | "
+                     f"{span([r['gen_tokens_per_s'] for r in results[s]], '.1f')} | "
+                     f"{span([r['peak_rss_mib'] for r in results[s]])} |")
+    lines.append(f"| ratio unitune / trl | {ratios(u, t, 'steps_per_hour')} | {ratios(u, t, 'gen_tokens_per_s')} | "
+                 f"{ratios(u, t, 'peak_rss_mib')} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (ROOT / "benchmarks" / "results" / "grpo_cpu.md").write_text(text)

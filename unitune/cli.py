@@ -75,6 +75,13 @@ def _label(args) -> None:
               top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, device=args.device)
 
 
+def _judge(args) -> None:
+    from unitune.feedback import judge
+
+    judge.run(args.input, args.judge, args.output, rubric=args.rubric, human=args.human,
+              inconsistent=args.inconsistent, with_report=args.report, batch_size=args.batch_size, device=args.device)
+
+
 def _chat(args) -> None:
     from unitune import api
     from unitune.engine.precision import pick_device
@@ -175,6 +182,25 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--seed", type=int, default=0, help="sampling, and which answer is shown on the left")
     lb.add_argument("--device", default="auto")
     lb.set_defaults(func=_label)
+
+    jd = sub.add_parser("judge", help="an AI judge picks the better answer of each pair, in both orders; the verdicts "
+                                      "become preference pairs and its biases are reported", parents=[debug])
+    jd.add_argument("input", help="JSONL/JSON/CSV/Parquet with 'prompt' and answers 'a', 'b' (or 'chosen', 'rejected')")
+    jd.add_argument("--judge", required=True,
+                    help="an LLM (a run, model directory or built-in name), reward:PATH (a reward model) or "
+                         "module:function returning 'first', 'second' or 'tie'")
+    jd.add_argument("-o", "--output", help="the pairs (.jsonl; default INPUT.judged.jsonl); ties go beside it, in "
+                                           ".skipped.jsonl")
+    jd.add_argument("--rubric", help="what the LLM judge weighs: the text, or a file holding it")
+    jd.add_argument("--human", help="a human preference file (e.g. from `unitune label`): the report gives the "
+                                    "judge's agreement and Cohen's kappa with it (implies --report)")
+    jd.add_argument("--inconsistent", choices=("drop", "mark"), default="drop",
+                    help="pairs whose verdict changes with the order: dropped, or written to .inconsistent.jsonl")
+    jd.add_argument("--report", action="store_true",
+                    help="position bias, agreement across orders, length bias: printed and written to .report.json")
+    jd.add_argument("--batch-size", type=int, default=8, help="pairs judged at a time (each in both orders)")
+    jd.add_argument("--device", default="auto")
+    jd.set_defaults(func=_judge)
 
     ls = sub.add_parser("methods", help="list the fine-tuning methods", parents=[debug])
     ls.set_defaults(func=_methods)

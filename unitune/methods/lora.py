@@ -267,11 +267,17 @@ class LoRALinear(nn.Module):
         no_dropout = isinstance(dropout, nn.Identity) or not self.training
         if self.active in self.lora_magnitude_vector:
             return self._dora_forward(x, a, b, dropout, no_dropout)
-        if (no_dropout and not getattr(self.base_layer, "quantized", False) and self.merges_for(x)
+        if (no_dropout and not getattr(self.base_layer, "quantized", False)
                 and self.base_layer.weight.dtype == x.dtype == a.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight,
-                                     self.scaling[self.active])
+            s = self.scaling[self.active]
+            if self.merges_for(x):
+                return _MergedLoRA.apply(x, self.linear_weight(), self.base_layer.bias, a.weight, b.weight, s)
+            # Few tokens (decoding): W x + s·B(A x) in three kernels, the low-rank product added by addmm
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.addmm(F.linear(flat, self.linear_weight(), self.base_layer.bias), F.linear(flat, a.weight),
+                              b.weight.T, alpha=s)
+            return out.view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x)
         h = dropout(x).to(a.weight.dtype)
         return out + (b(a(h)) * self.scaling[self.active]).to(out.dtype)

@@ -43,16 +43,18 @@ class RewardSource(Section):
         return self.name or (self.function.rsplit(":", 1)[-1] if self.function else Path(self.model).name)
 
 
-def load_function(spec: str) -> Callable:
+def load_function(spec: str, what: str = "reward function") -> Callable:
+    """`module:function`, imported; the module must be importable (installed, or on PYTHONPATH)."""
     module, _, attr = spec.partition(":")
     if not attr:
-        raise RecipeError(f"reward function '{spec}': write it as module:function (e.g. mypkg.rewards:exact)")
+        raise RecipeError(f"{what} '{spec}': write it as module:function (e.g. mypkg.rewards:exact)")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise RecipeError(f"reward function '{spec}' cannot be loaded: {err}") from None
+        raise RecipeError(f"{what} '{spec}' cannot be loaded: {err} (the module must be importable: installed, "
+                          "or on PYTHONPATH)") from None
     if not callable(fn):
-        raise RecipeError(f"reward function '{spec}' is a {type(fn).__name__}, not a function")
+        raise RecipeError(f"{what} '{spec}' is a {type(fn).__name__}, not a function")
     return fn
 
 
