@@ -14,10 +14,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from spawn import alternate, ratios, span
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, R, ALPHA = 512, 2, 1e-3, 16, 32
@@ -97,42 +97,27 @@ def run_trl(steps: int) -> dict:
     return {"tokens_per_s": logs[-1]["num_tokens"] / (timer.end - timer.start), "final_loss": logs[-1]["loss"]}
 
 
-def child(system: str, steps: int) -> None:
+def worker(system: str, steps: int) -> None:
     result = run_trl(steps) if system == "trl" else run_unitune(steps, lean=system == "unitune-lean")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps(result), flush=True)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--child")
+    p.add_argument("--worker")
     a = p.parse_args()
-    if a.child:
-        return child(a.child, a.steps)
+    if a.worker:
+        return worker(a.worker, a.steps)
     bench = ROOT / "runs" / "bench"
     bench.mkdir(parents=True, exist_ok=True)
     (bench / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(800)))
     model_dir()  # convert the GGUF once, outside the timings
-    env = {**os.environ, "BENCH_DIR": str(bench), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    os.environ.update(BENCH_DIR=str(bench), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     systems = ["unitune", "unitune-lean", "trl"]
-    results: dict[str, list[dict]] = {s: [] for s in systems}
-    for rnd in range(a.rounds):
-        for system in (systems if rnd % 2 == 0 else systems[::-1]):
-            out = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(a.steps)], env=env, capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
-            if out.returncode or not line:
-                sys.exit(f"{system} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-            results[system].append(json.loads(line[-1][6:]))
-            print(f"round {rnd + 1} {system}: {results[system][-1]}", flush=True)
-
-    def rng(xs):
-        return f"{min(xs):.0f}-{max(xs):.0f}" if len(xs) > 1 else f"{xs[0]:.0f}"
-
-    def ratios(u, t, key):
-        xs = [a[key] / b[key] for a in u for b in t]
-        return f"{min(xs):.2f}-{max(xs):.2f}x"
+    results = alternate(__file__, systems, a.rounds, ["--steps", str(a.steps)])
 
     print(f"\nLoRA SFT, SmolLM2-135M-Instruct, r={R} all linear layers, seq {SEQ}, batch {BATCH} packed rows, "
           f"{a.steps} steps, {a.rounds} rounds alternating, {os.cpu_count()} CPU cores\n")
@@ -140,8 +125,8 @@ def main() -> None:
     names = {"unitune": "unitune", "unitune-lean": "unitune, train.lean_cpu_memory=true",
              "trl": "transformers + PEFT + TRL SFTTrainer"}
     for s in systems:
-        print(f"| {names[s]} | {rng([r['tokens_per_s'] for r in results[s]])} | "
-              f"{rng([r['peak_rss_mib'] for r in results[s]])} |")
+        print(f"| {names[s]} | {span([r['tokens_per_s'] for r in results[s]])} | "
+              f"{span([r['peak_rss_mib'] for r in results[s]])} |")
     for s in systems[:2]:
         print(f"| ratio {s} / trl | {ratios(results[s], results['trl'], 'tokens_per_s')} | "
               f"{ratios(results[s], results['trl'], 'peak_rss_mib')} |")
