@@ -11,6 +11,7 @@ the target is the adapter within 10% of the merged model's tokens/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -22,7 +23,8 @@ from spawn import alternate, span
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, NEW, R = 8, 64, 16
-SYSTEMS = {"adapter": "unitune LoRA, unmerged", "merged": "merged into the weights", "peft": "PEFT LoRA, unmerged"}
+SYSTEMS = {"adapter": "unitune LoRA, unmerged", "rollout": "unitune LoRA under for_generation (GRPO's rollouts)",
+           "merged": "merged into the weights", "peft": "PEFT LoRA, unmerged"}
 
 
 def worker(system: str) -> None:
@@ -57,10 +59,12 @@ def worker(system: str) -> None:
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, use_cache=True)
+    folded = lora.for_generation(model) if system == "rollout" else contextlib.nullcontext()
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(**enc, **kw)
+        t0 = time.perf_counter()  # the fold is inside the timing, as each rollout pays it
+        with folded:
+            out = model.generate(**enc, **kw)
         seconds = time.perf_counter() - t0
     new = (out.shape[1] - enc["input_ids"].shape[1]) * BATCH
     print("RESULT " + json.dumps({"tokens_per_s": new / seconds,

@@ -115,6 +115,27 @@ def test_few_tokens_take_the_low_rank_path_and_agree(tiny_llama, monkeypatch):
     assert len(merges) == 1  # the long input only
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_for_generation_folds_each_layer_once_and_leaves_the_weights_exact(request, fixture):
+    """Rollouts decode on W + s·B·A built once (the merged model's speed); the base weights are not
+    touched, so training goes on from exactly where it was."""
+    model = _randomize(lora.apply(_load(request.getfixturevalue(fixture)), Config(r=4, target_modules="all-linear")))
+    model.eval()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    x = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        want = model(x).logits
+        with lora.for_generation(model) as folded:
+            assert folded.layers and all(m._folded is not None for m in folded.layers)
+            got = model(x).logits
+            greedy = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        unfolded = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy, unfolded)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # bit-exact, not re-rounded
+    assert all("_folded" not in m.__dict__ for m in folded.layers)
+
+
 def test_dora_norm_is_kept_until_the_weights_change(tiny_llama):
     model = lora.apply(_load(tiny_llama), Config(r=4, target_modules=["q_proj"], dora=True))
     layer = model.model.layers[0].self_attn.q_proj

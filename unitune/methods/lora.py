@@ -262,6 +262,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None or self.merged:
             return self.base_layer(x)
+        folded = self.__dict__.get("_folded")  # set by for_generation: W + s·B·A, built once for a rollout
+        if folded is not None:
+            return F.linear(x, folded, self.base_layer.bias)
         a, b = self.lora_A[self.active], self.lora_B[self.active]
         dropout = self.lora_dropout[self.active]
         no_dropout = isinstance(dropout, nn.Identity) or not self.training
@@ -572,6 +575,30 @@ class disabled:
     def __exit__(self, *exc):
         for m, a in zip(self.layers, self.saved):
             m.active = a
+
+
+class for_generation:
+    """Context manager for rollouts: each active plain LoRA layer runs on W + s·B·A, built once on entry
+    (out of place) and dropped on exit, so decoding runs at the merged model's speed, W is never
+    touched (an in-place merge and unmerge would round it a little every rollout) and training resumes
+    on the exact weights. Costs a transient copy of the adapted weights; quantized bases and DoRA keep
+    their own forward. For no-grad use only: the folded weight carries no gradient to A and B."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for _, m in lora_layers(model) if type(m) is LoRALinear and m.active is not None
+                       and not m.merged and m.active not in m.lora_magnitude_vector
+                       and not getattr(m.base_layer, "quantized", False)]
+
+    def __enter__(self):
+        with torch.no_grad():
+            for m in self.layers:  # (out, in), as F.linear takes it, whatever the base's layout
+                w, a, b = m.linear_weight(), m.lora_A[m.active].weight, m.lora_B[m.active].weight
+                m._folded = torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=m.scaling[m.active])
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.__dict__.pop("_folded", None)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -128,6 +128,8 @@ class Source:
 
     def state(self) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """The buffer a resumed run replays (num_iterations > 1): its plain values, and its tensors flat."""
+        if self.cfg.num_iterations == 1:
+            return [], {}  # every step generates afresh: nothing to replay
         plain = [{k: v for k, v in b.items() if not torch.is_tensor(v)} for b in self.buffer]
         return plain, {f"{i}.{k}": v for i, b in enumerate(self.buffer) for k, v in b.items() if torch.is_tensor(v)}
 

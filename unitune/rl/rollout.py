@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
+from unitune.methods import lora
 from unitune.models import heads
 from unitune.models.loader import end_of_turn_ids
 
@@ -57,10 +58,11 @@ def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[in
     ids, mask = left_pad([p for p in prompts for _ in range(num_generations)], tok.pad_token_id)
     eot = end_of_turn_ids(tok)
     greedy = temperature == 0
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, temperature=None if greedy else temperature,
-                         top_p=None if greedy else top_p, top_k=top_k if not greedy else None,
-                         eos_token_id=eot, pad_token_id=tok.pad_token_id, use_cache=True)
+    with lora.for_generation(model):  # decoding at the merged model's speed, the weights untouched
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=not greedy, temperature=None if greedy else temperature,
+                             top_p=None if greedy else top_p, top_k=top_k if not greedy else None,
+                             eos_token_id=eot, pad_token_id=tok.pad_token_id, use_cache=True)
     model.train(was_training)
     completion = out[:, ids.shape[1]:].cpu()
     is_end = torch.isin(completion, torch.tensor(eot))
