@@ -82,3 +82,38 @@ def test_group_advantages_by_hand():
     nan = torch.tensor([1.0, float("nan"), 3.0, 3.0])  # a failed reward is ignored, its advantage 0
     adv, _ = losses.group_advantages(nan, 4)
     assert adv[1] == 0 and adv[0] < 0 < adv[2]
+
+
+def test_gae_by_hand():
+    """One completion of 3 tokens, gamma 0.9, lambda 0.5: deltas and their discounted sums written out."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.2, 9.0]])  # position 3 is past the end: its value must not leak in
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = losses.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.2                      # last token: no next value
+    d1 = 0.0 + 0.9 * 0.2 - 0.4
+    d0 = 0.0 + 0.9 * 0.4 - 0.5
+    a2, a1 = d2, d1 + 0.45 * d2
+    a0 = d0 + 0.45 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.2, 0.0]]))
+
+
+def test_ppo_rewards_whitening_value_loss_and_adaptive_kl_by_hand():
+    logps, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
+    rewards, kl = losses.kl_penalised_rewards(torch.tensor([2.0]), logps, ref, torch.tensor([2]), kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0]]))  # k1: logp - ref
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]]))  # the score at the last token
+    _, k3 = losses.kl_penalised_rewards(torch.tensor([0.0]), logps, ref, torch.tensor([3]), 0.1, "k3")
+    assert (k3 >= 0).all()  # k3 is never negative
+    x, m = torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    torch.testing.assert_close(losses.masked_whiten(x, m)[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(losses.masked_whiten(x, m, shift_mean=False)[:3], torch.tensor([1.0, 2.0, 3.0]),
+                               atol=1e-6, rtol=0)
+    v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 1.0])
+    loss, frac = losses.clipped_value_loss(v, old, ret, torch.ones(2), clip=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped (0.7-2)^2 = 1.69 -> 1.69; token 1: both 1 -> 1
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2) and frac.item() == 0.5
+    ctl = losses.AdaptiveKL(0.1, target=6.0, horizon=10000)
+    assert ctl.update(12.0, 100) == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))  # error clipped to +20%
+    assert ctl.update(3.0, 100) == pytest.approx(0.1 * 1.002 * (1 - 0.2 * 0.01))

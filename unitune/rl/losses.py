@@ -83,3 +83,68 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Ten
         raise ValueError(f"unknown loss_type '{loss_type}': valid: {', '.join(LOSS_TYPES)}")
     clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     return PolicyLoss(loss, kl.detach(), clipped.detach(), ratio.detach())
+
+
+# --- PPO's pieces (Ouyang et al. 2022), checked by hand (tests/rl/test_losses.py). TRL's PPOTrainer left
+# trl.experimental in 1.14; the PPO objective that uses these (value head, rollouts) is still to come.
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); shift_mean=False keeps the mean, as
+    reward whitening does (TRL's masked_whiten)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_penalised_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, lengths: Tensor, kl_coef: float,
+                         estimator: Literal["k1", "k3"] = "k1") -> tuple[Tensor, Tensor]:
+    """Per-token rewards [B, T]: -kl_coef x KL(policy || reference) at every completion token, and the
+    sequence's score added at its last token (index lengths - 1). Also the per-token KL."""
+    logr = ref_logps - logps
+    kl = -logr if estimator == "k1" else (logr.exp() - 1) - logr
+    rewards = -kl_coef * kl
+    rewards[torch.arange(len(scores)), lengths - 1] += scores
+    return rewards, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over completion tokens: advantages [B, T]
+    and returns (advantages + values); positions past a completion's end (mask 0) carry no value."""
+    values, rewards = values * mask, rewards * mask
+    last = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    advantages = torch.stack(out[::-1], 1) * mask
+    return advantages, advantages + values
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+                       ) -> tuple[Tensor, Tensor]:
+    """PPO's value loss: 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2), its masked mean, and the share
+    of tokens where the clipped term was the larger (TRL's vf_clipfrac)."""
+    clipped = torch.clamp(values, old_values - clip, old_values + clip)
+    a, b = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask)
+
+
+class AdaptiveKL:
+    """The adaptive KL coefficient of Ziegler et al. 2019 (Eq. 2): move kl_coef so that the observed KL
+    tracks `target` over `horizon` samples; the error is clipped to +-20%."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_samples / self.horizon
+        return self.value
