@@ -34,7 +34,7 @@ from unitune.data.files import Row
 from unitune.engine.precision import autocast
 from unitune.rl import losses
 from unitune.rl.rewards import Rewards, RewardSource
-from unitune.rl.rollout import completion_logps, left_pad, sample
+from unitune.rl.rollout import completion_logps, sample
 
 PACKS = False
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from unitune.config import RecipeError, Section
 
