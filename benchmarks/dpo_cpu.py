@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
 from sft_lora_cpu import model_dir
-from spawn import alternate, ratios, span
+from spawn import alternate, ratios, report, span, trl_timer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, BETA, R, ALPHA = 512, 8, 5e-4, 0.1, 16, 32
@@ -68,7 +67,7 @@ def run_trl(data: Path, steps: int, pre: bool) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     path = model_dir()
@@ -76,14 +75,7 @@ def run_trl(data: Path, steps: int, pre: bool) -> dict:
     ds = load_dataset("json", data_files=str(data), split="train")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
-
-    timer = Timer()
+    timer = trl_timer()
     args = DPOConfig(
         output_dir=str(data.parent / "trl"), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, beta=BETA, loss_type=["sigmoid"], max_length=SEQ,
@@ -104,9 +96,8 @@ def worker(system: str, steps: int) -> None:
     data = Path(os.environ["BENCH_DIR"]) / "pairs.jsonl"
     run = run_trl if system.startswith("trl") else run_unitune
     result = run(data, steps, pre=system.endswith("-pre"))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["wall_s"] = time.perf_counter() - t0
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 def main() -> None:

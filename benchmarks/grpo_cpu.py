@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
 from sft_lora_cpu import model_dir
-from spawn import alternate, ratios, span
+from spawn import alternate, ratios, report, span, trl_timer
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, PROMPTS, NEW, LR, R, ALPHA = 8, 2, 48, 2e-4, 16, 32
@@ -58,7 +57,7 @@ def run_trl(data: Path, steps: int) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from unitune.tasks.orders import field_reward
@@ -71,14 +70,7 @@ def run_trl(data: Path, steps: int) -> dict:
     def reward(prompts, completions, answer, **_):  # TRL hands conversational completions as messages
         return field_reward(prompts, [c[0]["content"] for c in completions], answer)
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
-
-    timer = Timer()
+    timer = trl_timer()
     args = GRPOConfig(
         output_dir=str(data.parent.parent / "trl"), max_steps=steps, per_device_train_batch_size=GROUP * PROMPTS,
         num_generations=GROUP, max_completion_length=NEW, temperature=1.0, learning_rate=LR, loss_type="dapo", beta=0.0,
@@ -111,8 +103,7 @@ def worker(system: str, steps: int) -> None:
     data = Path(os.environ["BENCH_DIR"]) / "prompts" / "train.jsonl"
     result = (run_trl if system == "trl" else run_unitune)(data, steps)
     result["steps_per_hour"] = steps * 3600 / result["loop_s"]
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 def main() -> None:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import time
 from pathlib import Path
 
-from spawn import alternate, ratios, span
+from spawn import alternate, ratios, report, span, trl_timer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, R, ALPHA = 512, 2, 1e-3, 16, 32
@@ -64,7 +62,7 @@ def run_trl(steps: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     path = model_dir()
@@ -74,14 +72,7 @@ def run_trl(steps: int) -> dict:
                              "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows(800)])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
-
-    timer = Timer()
+    timer = trl_timer()
     args = SFTConfig(
         output_dir=os.path.join(os.environ["BENCH_DIR"], "trl"), max_steps=steps,
         per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
@@ -99,8 +90,7 @@ def run_trl(steps: int) -> dict:
 
 def worker(system: str, steps: int) -> None:
     result = run_trl(steps) if system == "trl" else run_unitune(steps, lean=system == "unitune-lean")
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 def main() -> None:

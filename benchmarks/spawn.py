@@ -41,3 +41,27 @@ def span(xs: list[float], spec: str = ".0f") -> str:
 def ratios(ours: list[dict], theirs: list[dict], key: str) -> str:
     """The range of ours/theirs over every pair of runs."""
     return span([a[key] / b[key] for a in ours for b in theirs], ".2f") + "x"
+
+
+def report(result: dict) -> None:
+    """In a worker: add the process's peak RSS and print the line spawn() reads back."""
+    import resource
+
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def trl_timer():
+    """A transformers callback timing a Trainer's loop: `start` at train begin, `end` at the last step's end."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end = time.perf_counter()
+
+    return Timer()

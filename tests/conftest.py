@@ -75,3 +75,32 @@ def tiny_recipe(tiny_llama, orders_data, tmp_path) -> dict:
         "eval": {"generate": 4, "max_new_tokens": 8, "batch_size": 4},
         "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
     }
+
+
+class Crash(Exception):
+    """A kill, simulated: raised where a checkpoint of the step named would be written."""
+
+
+@pytest.fixture
+def train_crashing_at(monkeypatch):
+    """train_crashing_at(recipe, step): unitune.train that dies instead of saving the checkpoint of `step`
+    (the steps since the last checkpoint are logged, their checkpoint never written); save works again after."""
+    import unitune
+    from unitune.engine import checkpoint
+
+    real_save = checkpoint.save
+
+    def crashing(recipe: dict, step: int) -> None:
+        def save(ckpt_dir, at, *args, **kwargs):
+            if at == step:
+                raise Crash(f"killed before saving step {step}")
+            return real_save(ckpt_dir, at, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "save", save)
+        try:
+            with pytest.raises(Crash):
+                unitune.train(recipe)
+        finally:
+            monkeypatch.setattr(checkpoint, "save", real_save)
+
+    return crashing

@@ -24,22 +24,12 @@ def _resume_recipe(tiny_recipe):
     return r
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, monkeypatch):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, train_crashing_at):
     recipe = _resume_recipe(tiny_recipe)
     full = unitune.train({**recipe, "output": {**recipe["output"], "name": "straight"}})
 
-    real_save = checkpoint.save
-
-    def crash_at_step_6(ckpt_dir, step, *args, **kwargs):
-        if step == 6:  # steps 4-6 are logged but their checkpoint never written: resume must drop them
-            raise Crash("killed before saving step 6")
-        return real_save(ckpt_dir, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save", crash_at_step_6)
     crashed = {**recipe, "output": {**recipe["output"], "name": "crashed"}}
-    with pytest.raises(Crash):
-        unitune.train(crashed)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    train_crashing_at(crashed, 6)  # steps 4-6 are logged but their checkpoint never written: resume must drop them
     log = Path(crashed["output"]["dir"]) / "crashed" / "metrics.jsonl"
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 6
     resumed = unitune.train(crashed, resume=True)

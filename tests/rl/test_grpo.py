@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 
 import unitune
 from unitune.config import ModelConfig, RecipeError
-from unitune.engine import checkpoint
 from unitune.models import load_model
 from unitune.rl import rollout
 from unitune.rl.rewards import RewardError, RewardSource, Rewards
@@ -105,11 +104,7 @@ def test_batch_size_must_hold_whole_groups(tiny_recipe, prompts):
         unitune.train(recipe)
 
 
-class Crash(Exception):
-    pass
-
-
-def test_resume_with_a_rollout_buffer_matches_an_uninterrupted_run(tiny_recipe, prompts, monkeypatch):
+def test_resume_with_a_rollout_buffer_matches_an_uninterrupted_run(tiny_recipe, prompts, train_crashing_at):
     """num_iterations 2, beta > 0: a checkpoint in the middle of a generation's reuse holds its buffer
     (old and reference log-probs included) and the RNG; the resumed run samples and ends as the straight one."""
     recipe = _recipe(tiny_recipe, prompts, num_iterations=2, beta=0.05, loss_type="grpo")
@@ -119,18 +114,8 @@ def test_resume_with_a_rollout_buffer_matches_an_uninterrupted_run(tiny_recipe, 
     train = [r for r in straight.history if r["split"] == "train"]
     assert any(r["clip_ratio"] > 0 for r in train) and all(r["kl"] >= 0 for r in train)
 
-    real_save = checkpoint.save
-
-    def crash(ckpt_dir, step, *args, **kwargs):
-        if step == 6:
-            raise Crash()
-        return real_save(ckpt_dir, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save", crash)
     crashed = {**recipe, "output": {**recipe["output"], "name": "crashed"}}
-    with pytest.raises(Crash):
-        unitune.train(crashed)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    train_crashing_at(crashed, 6)
     assert (straight.dir.with_name("crashed") / "checkpoints" / "step-3" / "source.safetensors").is_file()
     resumed = unitune.train(crashed, resume=True)
     a, b = (load_file(r.output / "adapter_model.safetensors") for r in (straight, resumed))

@@ -239,18 +239,24 @@ def _turn(row: Row, key: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
+def _alike(row: Row, a: str, b: str) -> type:
+    """The kind (str or list of messages) of two fields that must both be filled in, and alike."""
+    kinds = {key: _kind(row, key) for key in (a, b)}
+    for key, kind in kinds.items():
+        if kind is None:
+            raise DataError(f"{row.where}: '{key}' is empty (null); fill it in or drop the row")
+    if kinds[a] is not kinds[b]:
+        raise DataError(f"{row.where}: '{a}' is a {kinds[a].__name__} but '{b}' a {kinds[b].__name__}; write both "
+                        "as strings or both as lists of messages")
+    return kinds[a]
+
+
 def to_pair(row: Row, system: str | None = None, roles: frozenset[str] = DEFAULT_ROLES) -> PairSample:
     """The row's pair in any layout of the module docstring; `roles`: those the model's chat template renders."""
     _need(row, ("chosen", "rejected"), "a preference pair")
-    chosen, rejected, prompt = _kind(row, "chosen"), _kind(row, "rejected"), _kind(row, "prompt")
-    for key, kind in (("chosen", chosen), ("rejected", rejected)):
-        if kind is None:
-            raise DataError(f"{row.where}: '{key}' is empty (null); fill it in or drop the row")
-    if chosen is not rejected:
-        raise DataError(f"{row.where}: 'chosen' is a {chosen.__name__} but 'rejected' a {rejected.__name__}; write both "
-                        "as strings or both as lists of messages")
+    kind, prompt = _alike(row, "chosen", "rejected"), _kind(row, "prompt")
     after = "the prompt"
-    if chosen is list:
+    if kind is list:
         c, r = _messages(row, "chosen", roles), _messages(row, "rejected", roles)
         if prompt is list:
             p = _messages(row, "prompt", roles)
@@ -291,14 +297,8 @@ def _label(row: Row) -> bool:
 def to_unpaired(row: Row, system: str | None = None, roles: frozenset[str] = DEFAULT_ROLES) -> UnpairedSample:
     """`prompt`, `completion` and `label`: strings (one user turn, one assistant turn) or message lists."""
     _need(row, ("prompt", "completion", "label"), "unpaired feedback")
-    label, prompt, completion = _label(row), _kind(row, "prompt"), _kind(row, "completion")
-    for key, kind in (("prompt", prompt), ("completion", completion)):
-        if kind is None:
-            raise DataError(f"{row.where}: '{key}' is empty (null); fill it in or drop the row")
-    if prompt is not completion:
-        raise DataError(f"{row.where}: 'prompt' is a {prompt.__name__} but 'completion' a {completion.__name__}; "
-                        "write both as strings or both as lists of messages")
-    if prompt is list:
+    label = _label(row)
+    if _alike(row, "prompt", "completion") is list:
         p, c = _messages(row, "prompt", roles), _messages(row, "completion", roles)
     else:
         p, c = _turn(row, "prompt"), _turn(row, "completion")
