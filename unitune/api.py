@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from unitune import atomic
@@ -255,6 +256,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
                          amp, resume=resume, eval_at_start=recipe.eval.before,
                          lr_scale=lr_scale(recipe.method, recipe.train.lr))
     run.history = history.records
+    for name in getattr(objective, "TRAINED_BESIDE", ()):  # PPO's value head: kept in the run, not in the output
+        head = loaded.model._modules.pop(name)
+        if is_main_process():
+            with atomic.temp_path(run_dir / f"{name}.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp)
     evals = [r for r in history.records if r.get("split") == "val"]
     run.before = next((r for r in evals if r["step"] == 0), {})
     run.metrics = history.best or (evals[-1] if evals else {})

@@ -15,15 +15,6 @@ from unitune.rl.rewards import RewardError, RewardSource, Rewards
 HERE = "tests.rl.rewards_for_tests"
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prompts")
-    rows = [{"prompt": f"Say something about the number {i}.", "answer": str(i)} for i in range(24)]
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
-    (out / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
-    return out
-
-
 def _recipe(tiny_recipe, prompts, **objective):
     return {**tiny_recipe,
             "data": {"train": str(prompts / "train.jsonl"), "validation": str(prompts / "val.jsonl"), "max_length": 128},
@@ -52,7 +43,7 @@ def test_rollout_masks_end_of_turn_and_logps_equal_the_models(tiny_llama, tokeni
     batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "completion_ids": roll.completion_ids,
              "completion_mask": roll.completion_mask}
     with torch.no_grad():
-        ours, entropy = rollout.completion_logps(model, batch, temperature=0.7, chunk=8, entropy=True)
+        ours, entropy, _ = rollout.completion_logps(model, batch, temperature=0.7, chunk=8, entropy=True)
         for i in range(6):  # one unpadded row at a time through model(): the same log-probs
             keep = torch.cat([roll.prompt_mask[i], roll.completion_mask[i]]).bool()
             ids = torch.cat([roll.prompt_ids[i], roll.completion_ids[i]])[keep][None]

@@ -84,36 +84,83 @@ def test_group_advantages_by_hand():
     assert adv[1] == 0 and adv[0] < 0 < adv[2]
 
 
-def test_gae_by_hand():
-    """One completion of 3 tokens, gamma 0.9, lambda 0.5: deltas and their discounted sums written out."""
-    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.5, 0.4, 0.2, 9.0]])  # position 3 is past the end: its value must not leak in
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = losses.gae(rewards, values, mask, gamma=0.9, lam=0.5)
-    d2 = 1.0 - 0.2                      # last token: no next value
-    d1 = 0.0 + 0.9 * 0.2 - 0.4
-    d0 = 0.0 + 0.9 * 0.4 - 0.5
-    a2, a1 = d2, d1 + 0.45 * d2
-    a0 = d0 + 0.45 * a1
-    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]]))
-    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.2, 0.0]]))
+def _ppo_case(seed, truncated_row=True):
+    """A rollout of 5 completions of up to 8 tokens: end-of-turn at different places, one without
+    (truncated at max_new_tokens), pad after the end; log-probs, values and scores at random."""
+    g = torch.Generator().manual_seed(seed)
+    eot, pad, t = 2, 0, 8
+    responses = torch.randint(3, 50, (5, t), generator=g)
+    for i, end in enumerate([3, 0, 6, 7, None if truncated_row else 4]):
+        if end is not None:
+            responses[i, end] = eot
+            responses[i, end + 1 :] = pad
+    mask = torch.ones(5, t)
+    for i in range(5):
+        ends = (responses[i] == eot).nonzero()
+        if len(ends):
+            mask[i, int(ends[0]) + 1 :] = 0
+    rand = lambda *s: torch.randn(*s, generator=g)
+    logps, ref, values, scores = -rand(5, t).abs(), -rand(5, t).abs(), rand(5, t), rand(5)
+    return responses, mask, logps, ref, values, scores
 
 
-def test_ppo_rewards_whitening_value_loss_and_adaptive_kl_by_hand():
-    logps, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
-    rewards, kl = losses.kl_penalised_rewards(torch.tensor([2.0]), logps, ref, torch.tensor([2]), kl_coef=0.1)
-    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0]]))  # k1: logp - ref
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]]))  # the score at the last token
-    _, k3 = losses.kl_penalised_rewards(torch.tensor([0.0]), logps, ref, torch.tensor([3]), 0.1, "k3")
-    assert (k3 >= 0).all()  # k3 is never negative
+@pytest.mark.parametrize("estimator,whiten,gamma,lam,truncated", [("k1", False, 1.0, 0.95, True),
+                                                                    ("k3", True, 0.9, 0.5, True),
+                                                                    ("k1", True, 1.0, 1.0, False)])
+def test_ppo_advantages_and_losses_equal_trl(estimator, whiten, gamma, lam, truncated):
+    from tests.rl import trl_ppo
+
+    responses, mask, logps, ref, values, scores = _ppo_case(0, truncated)
+    args = SimpleNamespace(missing_eos_penalty=None, kl_estimator=estimator, kl_coef=0.05, whiten_rewards=whiten,
+                           gamma=gamma, lam=lam, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    theirs = trl_ppo.rollout(responses, logps, ref, values, scores, 2, 0, 2, args)
+    ours = losses.ppo_advantages(scores, logps, ref, values, mask, 0.05, estimator, gamma, lam, whiten)
+    assert (~theirs["padding_mask"]).float().equal(mask)
+    torch.testing.assert_close(ours.advantages, theirs["advantages"])
+    torch.testing.assert_close(ours.returns, theirs["returns"])
+    torch.testing.assert_close(ours.values, theirs["values"])
+    torch.testing.assert_close(ours.kl, theirs["kl"])
+
+    # an update later: new log-probs off the old by enough to clip, new values off the old by enough to clip
+    g = torch.Generator().manual_seed(1)
+    new_logps = (logps + torch.randn(5, 8, generator=g) * 0.4).requires_grad_()
+    new_values = (values + torch.randn(5, 8, generator=g) * 0.5).requires_grad_()
+    out = losses.ppo_loss(new_logps, logps, ours.advantages, mask, new_values, ours.values, ours.returns,
+                          0.2, 0.2, 0.1)
+    (out.loss / mask.sum()).backward()
+    grads = new_logps.grad.clone(), new_values.grad.clone()
+    new_logps.grad = new_values.grad = None
+    ref_out = trl_ppo.micro_batch_loss(new_logps, new_values, theirs, args)
+    ref_out["loss"].backward()
+    torch.testing.assert_close(out.loss / mask.sum(), ref_out["loss"])
+    torch.testing.assert_close(grads[0], new_logps.grad)
+    torch.testing.assert_close(grads[1], new_values.grad)
+    torch.testing.assert_close(out.policy, ref_out["pg_loss"])
+    torch.testing.assert_close(out.value, ref_out["vf_loss"])
+    torch.testing.assert_close(out.approx_kl, ref_out["approxkl"])
+    assert float(out.clipped.sum() / mask.sum()) == pytest.approx(float(ref_out["pg_clipfrac"]))
+    vmask = losses.value_mask(mask)
+    assert float(out.value_clipped.sum() / vmask.sum()) == pytest.approx(float(ref_out["vf_clipfrac"]))
+    assert 0 < float(ref_out["pg_clipfrac"]) < 1 and 0 < float(ref_out["vf_clipfrac"]) < 1  # both clips act
+
+
+def test_ppo_score_enters_after_the_last_token_by_hand():
+    """One completion of 2 tokens in a row of 4, gamma 1, lambda 1, no KL: the score sits at position 2
+    (after the end-of-turn), position 3 is padding and out of everything."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 1.0, 7.0]])
+    out = losses.ppo_advantages(torch.tensor([2.0]), torch.zeros(1, 4), torch.zeros(1, 4), values, mask, 0.0,
+                                gamma=1.0, lam=1.0)
+    torch.testing.assert_close(out.rewards, torch.tensor([[0.0, 0.0, 2.0, 0.0]]))
+    torch.testing.assert_close(out.returns, torch.tensor([[2.0, 2.0, 2.0, 0.0]]))  # lambda 1: the score
+    assert losses.value_mask(mask).tolist() == [[1.0, 1.0, 1.0, 0.0]]
+
+
+def test_whitening_and_adaptive_kl_by_hand():
     x, m = torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
     torch.testing.assert_close(losses.masked_whiten(x, m)[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(losses.masked_whiten(x, m, shift_mean=False)[:3], torch.tensor([1.0, 2.0, 3.0]),
                                atol=1e-6, rtol=0)
-    v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 1.0])
-    loss, frac = losses.clipped_value_loss(v, old, ret, torch.ones(2), clip=0.2)
-    # token 0: unclipped (1-2)^2 = 1, clipped (0.7-2)^2 = 1.69 -> 1.69; token 1: both 1 -> 1
-    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2) and frac.item() == 0.5
     ctl = losses.AdaptiveKL(0.1, target=6.0, horizon=10000)
     assert ctl.update(12.0, 100) == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))  # error clipped to +20%
     assert ctl.update(3.0, 100) == pytest.approx(0.1 * 1.002 * (1 - 0.2 * 0.01))

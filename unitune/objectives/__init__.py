@@ -23,6 +23,8 @@ An objective module exports:
   recipe, ref, device, amp)`, the batch source the loop draws from instead of the fixed data plan (the
   step seam: `next()` samples with the current policy and scores; `cursor`; `state()`/`restore()` put
   its buffer in the checkpoint), and `evaluate(model, tok, val, recipe, device, amp) -> metrics`.
+- optionally `TRAINED_BESIDE`: names of modules the source adds to the model, trained and checkpointed
+  with it but not part of the output (PPO's value head): saved as `<name>.safetensors` in the run.
 - optionally `NUM_LABELS`: the model is loaded as a sequence classifier with that many outputs (a reward
   model: 1) instead of a causal LM; its new head trains in full under every method.
 
@@ -32,10 +34,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import dpo, grpo, kto, orpo, reward, simpo, sft
+from unitune.objectives import dpo, grpo, kto, orpo, ppo, reward, simpo, sft
 
 OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto,
-                                     "reward": reward, "grpo": grpo}
+                                     "reward": reward, "grpo": grpo, "ppo": ppo}
 
 
 def objective_config(data: dict):

@@ -185,7 +185,7 @@ class Source:
         model.eval()
         try:
             with autocast(self.device, self.amp):
-                return completion_logps(model, batch, self.cfg.temperature, self.cfg.loss_chunk)[0].float().cpu()
+                return completion_logps(model, batch, self.cfg.temperature, self.cfg.loss_chunk).logps.float().cpu()
         finally:
             model.train(was)
 
@@ -213,7 +213,7 @@ def rewards_for(cfg: Config, device) -> Rewards:
 
 
 def loss(model: nn.Module, batch: dict, cfg: Config, ref=None) -> tuple[torch.Tensor, dict]:
-    logps, entropy = completion_logps(model, batch, cfg.temperature, cfg.loss_chunk, entropy=True)
+    logps, entropy, _ = completion_logps(model, batch, cfg.temperature, cfg.loss_chunk, entropy=True)
     mask = batch["completion_mask"]
     out = losses.clipped_policy_loss(logps, batch.get("old_logps"), batch["advantages"], mask, cfg.loss_type,
                                      cfg.epsilon, cfg.epsilon_high or cfg.epsilon, cfg.beta, batch.get("ref_logps"))

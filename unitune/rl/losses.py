@@ -85,8 +85,10 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Ten
     return PolicyLoss(loss, kl.detach(), clipped.detach(), ratio.detach())
 
 
-# --- PPO's pieces (Ouyang et al. 2022), checked by hand (tests/rl/test_losses.py). TRL's PPOTrainer left
-# trl.experimental in 1.14; the PPO objective that uses these (value head, rollouts) is still to come.
+# --- PPO (Ouyang et al. 2022) as TRL's PPOTrainer computes it (trl 1.12, trl/experimental/ppo/ppo_trainer.py;
+# TRL removed it in 1.14). `mask` [B, T] marks the completion's tokens, end-of-turn included (TRL's
+# ~padding_mask). The sequence's score enters one step after its last token, where the value head has
+# read the whole completion; that position carries value loss but no policy loss (TRL's padding_mask_p1).
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum()
@@ -102,39 +104,73 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return whitened if shift_mean else whitened + mean
 
 
-def kl_penalised_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, lengths: Tensor, kl_coef: float,
-                         estimator: Literal["k1", "k3"] = "k1") -> tuple[Tensor, Tensor]:
-    """Per-token rewards [B, T]: -kl_coef x KL(policy || reference) at every completion token, and the
-    sequence's score added at its last token (index lengths - 1). Also the per-token KL."""
-    logr = ref_logps - logps
-    kl = -logr if estimator == "k1" else (logr.exp() - 1) - logr
+def value_mask(mask: Tensor) -> Tensor:
+    """The positions whose values train: the completion's tokens and the one after its last (when the
+    completion ended before max_new_tokens), where its score is credited."""
+    lengths = mask.sum(1, keepdim=True)
+    return (torch.arange(mask.shape[1], device=mask.device) <= lengths).to(mask.dtype)
+
+
+class Advantages(NamedTuple):
+    advantages: Tensor  # [B, T] whitened over the completion tokens, 0 elsewhere
+    returns: Tensor     # [B, T] the value head's targets
+    values: Tensor      # [B, T] the rollout's values, 0 past value_mask
+    kl: Tensor          # [B, T] per-token KL estimate to the reference (0 off the completion)
+    rewards: Tensor     # [B, T] -kl_coef x kl, the score added at its step
+
+
+def ppo_advantages(scores: Tensor, logps: Tensor, ref_logps: Tensor, values: Tensor, mask: Tensor, kl_coef: float,
+                   estimator: Literal["k1", "k3"] = "k1", gamma: float = 1.0, lam: float = 0.95,
+                   whiten_rewards: bool = False) -> Advantages:
+    """Per-token rewards (a KL penalty at every token, the score at the step after the last; Ziegler et al.
+    2019), GAE (Schulman et al. 2016) and the whitened advantages, from one rollout's tensors."""
+    vmask = value_mask(mask)
+    logr = (ref_logps - logps) * mask
+    kl = -logr if estimator == "k1" else (logr.exp() - 1) - logr  # Schulman 2020's k1 and k3
     rewards = -kl_coef * kl
-    rewards[torch.arange(len(scores)), lengths - 1] += scores
-    return rewards, kl
-
-
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over completion tokens: advantages [B, T]
-    and returns (advantages + values); positions past a completion's end (mask 0) carry no value."""
-    values, rewards = values * mask, rewards * mask
-    last = torch.zeros_like(rewards[:, 0])
-    out = []
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
+    lengths = mask.sum(1).long()
+    end = torch.where(lengths < mask.shape[1], lengths, lengths - 1)  # a truncated completion: its last token
+    rewards[torch.arange(len(scores)), end] += scores
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, vmask, shift_mean=False) * vmask
+    values = values * vmask
+    last, out = torch.zeros_like(scores), []
+    for t in reversed(range(mask.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < mask.shape[1] else torch.zeros_like(last)
+        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
         out.append(last)
-    advantages = torch.stack(out[::-1], 1) * mask
-    return advantages, advantages + values
+    advantages = torch.stack(out[::-1], 1)
+    returns = advantages + values
+    return Advantages(masked_whiten(advantages, mask) * mask, returns, values, kl, rewards)
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
-                       ) -> tuple[Tensor, Tensor]:
-    """PPO's value loss: 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2), its masked mean, and the share
-    of tokens where the clipped term was the larger (TRL's vf_clipfrac)."""
-    clipped = torch.clamp(values, old_values - clip, old_values + clip)
-    a, b = (values - returns) ** 2, (clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask)
+class PPOLoss(NamedTuple):
+    loss: Tensor          # the policy loss summed over `mask`, plus vf_coef x the value loss in the same units
+    policy: Tensor        # the policy loss's masked mean (TRL's pg_loss), detached
+    value: Tensor         # the value loss's masked mean (TRL's vf_loss), detached
+    clipped: Tensor       # [B, T] bool: policy tokens whose clipped term was the larger
+    value_clipped: Tensor # [B, T] bool: value positions whose clipped term was the larger
+    approx_kl: Tensor     # 0.5 x mean squared log-ratio (TRL's approxkl)
+
+
+def ppo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, values: Tensor, old_values: Tensor,
+             returns: Tensor, cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1) -> PPOLoss:
+    """PPO's clipped policy loss and clipped value loss, 0.5 x max((v - R)^2, (clip(v, v_old +- c) - R)^2).
+    Divided by mask.sum() the loss is TRL's `pg_loss + vf_coef * vf_loss` for this batch."""
+    vmask = value_mask(mask)
+    mask = mask.to(logps.dtype)
+    values = values * vmask
+    v_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    v1, v2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(v1, v2), vmask)
+    diff = (logps - old_logps) * mask
+    ratio = torch.exp(diff)
+    pg1, pg2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_sum = (torch.max(pg1, pg2) * mask).sum()
+    n = mask.sum()
+    loss = pg_sum + vf_coef * vf_loss * n
+    return PPOLoss(loss, (pg_sum / n).detach(), vf_loss.detach(), ((pg2 > pg1) & mask.bool()).detach(),
+                   ((v2 > v1) & vmask.bool()).detach(), (0.5 * (diff**2).mean()).detach())
 
 
 class AdaptiveKL:

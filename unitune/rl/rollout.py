@@ -10,6 +10,7 @@ sampled completion is exactly 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -82,10 +83,17 @@ def _chunk_logps(model: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature
     return lp.gather(-1, y[..., None]).squeeze(-1), ent
 
 
+class Scored(NamedTuple):
+    logps: torch.Tensor                  # [B, T] log p of each completion token
+    entropy: torch.Tensor | None         # [B, T] each position's entropy (detached), when asked for
+    values: torch.Tensor | None          # [B, T] the value head's estimate at each position, when given one
+
+
 def completion_logps(model: nn.Module, batch: dict, temperature: float = 1.0, chunk: int = 1024,
-                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     entropy: bool = False, value_head: nn.Module | None = None) -> Scored:
     """log p(token) [B, T] of each completion token under `model` at the sampling temperature (0: 1), and
-    optionally each position's entropy (detached). Only completion positions reach the LM head, in
+    optionally each position's entropy (detached) and a value head's estimates from the same hidden
+    states (PPO's policy and value heads on one trunk). Only completion positions reach the LM head, in
     chunks of about `chunk` tokens whose logits are recomputed in backward instead of stored; positions
     follow the attention mask, as in generation."""
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
@@ -105,4 +113,5 @@ def completion_logps(model: nn.Module, batch: dict, temperature: float = 1.0, ch
         lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False) if recompute else _chunk_logps(*args)
         logps.append(lp)
         entropies.append(ent)
-    return torch.cat(logps), (torch.cat(entropies) if entropy else None)
+    values = value_head(h.float()).squeeze(-1) if value_head is not None else None
+    return Scored(torch.cat(logps), torch.cat(entropies) if entropy else None, values)
