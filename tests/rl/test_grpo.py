@@ -114,3 +114,39 @@ def test_resume_with_a_rollout_buffer_matches_an_uninterrupted_run(tiny_recipe, 
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     rewards = {r["step"]: r["reward"] for r in train}
     assert all(r["reward"] == pytest.approx(rewards[r["step"]]) for r in resumed.history if r["split"] == "train")
+
+
+def test_decode_equals_generate_greedy_and_drops_stopped_rows(tiny_llama, tokenizer):
+    """The lean decode loop gives generate()'s greedy tokens, row by row, with rows stopping at different
+    steps (their cache leaves the batch) and prompts of different lengths (left padding)."""
+    model = load_model(ModelConfig(name=str(tiny_llama))).model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: greedy rows that differ, where the tiny init repeats one token
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.ndim > 1 else None
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                             return_dict=False) for t in ("Hi", "A longer prompt", "Third one", "x y z")]
+    ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=[-1])[:, ids.shape[1]:]
+        stop = [int(free[0, 2]), int(free[1, 5])]  # tokens greedy writes: rows stop at different steps
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)[:, ids.shape[1]:]
+        got = rollout.decode(model, ids, mask, 10, stop, tokenizer.pad_token_id, temperature=0)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert (got == tokenizer.pad_token_id).any()  # some rows stopped early
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (5, 1.0), (5, 0.5), (None, 1.0)])
+def test_warp_equals_hf_warpers(top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    want = warpers(None, logits.clone())
+    got = rollout.warp(logits, 0.7, top_p, top_k)
+    assert torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got.softmax(-1), want.softmax(-1))

@@ -47,6 +47,59 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def warp(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """logits / temperature, cut (-inf) to the top_k tokens and to the smallest set whose probability
+    reaches top_p, as HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper do in turn."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)  # ascending, as TopPLogitsWarper: drop the low tail
+        tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        tail[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(tail.scatter(1, order, tail), -torch.inf)
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
+    """The next token of each row: argmax at temperature 0, else a draw from the warped distribution."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(warp(logits, temperature, top_p, top_k).softmax(-1), 1).squeeze(1)
+
+
+def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: list[int],
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """New tokens [B, <= max_new_tokens] for left-padded prompts, pad after each row's stop token.
+    A lean loop in place of generate(): the backbone with its KV cache, the LM head on the last position
+    only, and rows that have stopped leave the batch (their cache with them), so a long straggler does
+    not make the whole batch pay for every step."""
+    rows = torch.arange(len(ids), device=ids.device)
+    out = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    stop_ids = torch.tensor(stop, device=ids.device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    body, cache, inputs, n = heads.backbone(model), None, ids, 0
+    for t in range(max_new_tokens):
+        h = body(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True)
+        cache = h.past_key_values
+        token = pick(heads.logits(model, h.last_hidden_state[:, -1]), temperature, top_p, top_k)
+        out[rows, t] = token
+        n = t + 1
+        going = ~torch.isin(token, stop_ids)
+        if not going.any():
+            break
+        if not going.all():  # the stopped rows leave the batch
+            keep = going.nonzero().squeeze(1)
+            rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+            cache.batch_select_indices(keep)
+        inputs = token[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        positions = positions[:, -1:] + 1
+    return out[:, :n]
+
+
 @torch.no_grad()
 def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]], num_generations: int,
            max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None) -> Rollout:
@@ -58,14 +111,10 @@ def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[in
     device = next(model.parameters()).device
     ids, mask = left_pad([p for p in prompts for _ in range(num_generations)], tok.pad_token_id)
     eot = end_of_turn_ids(tok)
-    greedy = temperature == 0
     with lora.for_generation(model):  # decoding at the merged model's speed, the weights untouched
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=not greedy, temperature=None if greedy else temperature,
-                             top_p=None if greedy else top_p, top_k=top_k if not greedy else None,
-                             eos_token_id=eot, pad_token_id=tok.pad_token_id, use_cache=True)
+        completion = decode(model, ids.to(device), mask.to(device), max_new_tokens, eot, tok.pad_token_id,
+                            temperature, top_p, top_k).cpu()
     model.train(was_training)
-    completion = out[:, ids.shape[1]:].cpu()
     is_end = torch.isin(completion, torch.tensor(eot))
     ends = torch.where(is_end.any(1), is_end.int().argmax(1), completion.shape[1] - 1)
     cmask = (torch.arange(completion.shape[1]) <= ends[:, None]).long()

@@ -42,3 +42,29 @@ def correct(prompts: list, completions: list[str], answer: list[str], **_) -> li
 def exact(prompts: list, completions: list[str], answer: list[str], **_) -> list[float]:
     """1 when the completion is the answer and nothing else (a trailing full stop allowed)."""
     return [float(c.strip().rstrip(".") == a) for c, a in zip(completions, answer)]
+
+
+def _wrong(rng: random.Random, answer: int) -> int:
+    """A near miss, as a small model makes them: off by a little, or by ten."""
+    return answer + rng.choice([-10, -2, -1, 1, 2, 10])
+
+
+def _pair_row(rng: random.Random, held_out: bool) -> dict:
+    row = make_row(rng, held_out)
+    answer = int(row["answer"])
+    wrong = _wrong(rng, answer)
+    question = row["prompt"].split("?")[0].removeprefix("What is ")
+    kind = rng.randrange(3)
+    if kind == 0:    # right against wrong, both as the number alone
+        chosen, rejected = str(answer), str(wrong)
+    elif kind == 1:  # right against wrong, both worked out
+        chosen, rejected = f"{question} = {answer}", f"{question} = {wrong}"
+    else:            # the number alone against the same number wrapped in prose
+        chosen, rejected = str(answer), f"Sure! {question} equals {answer}. Let me know if you need anything else."
+    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "answer": row["answer"]}
+
+
+def write_preferences(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 1357) -> Path:
+    """Preference pairs for a reward model of the task: the right answer over a near miss, and the number
+    alone over prose around it. The reward model then scores PPO's completions (recipes/ppo.yaml)."""
+    return _write_splits(out_dir, n_train, n_val, seed, _pair_row)
