@@ -150,3 +150,15 @@ def test_warp_equals_hf_warpers(top_k, top_p):
     got = rollout.warp(logits, 0.7, top_p, top_k)
     assert torch.equal(got.isinf(), want.isinf())
     torch.testing.assert_close(got.softmax(-1), want.softmax(-1))
+
+
+def test_pick_samples_the_warped_distribution():
+    """Inverse-CDF sampling draws each token with its warped probability and never one that top-k/top-p cut."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]]).repeat(40000, 1)
+    torch.manual_seed(0)
+    drawn = rollout.pick(logits, 0.8, 1.0, 4)
+    want = rollout.warp(logits[:1], 0.8, 1.0, 4).softmax(-1)[0]
+    freq = torch.bincount(drawn, minlength=6).float() / len(drawn)
+    assert freq[want == 0].sum() == 0  # the two tokens top_k=4 cut
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)  # 40k draws: std of a share < 0.0025
+    assert rollout.pick(logits[:3], 0, 1.0, None).tolist() == [0, 0, 0]  # temperature 0: greedy

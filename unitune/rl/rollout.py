@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from unitune.methods import lora
 from unitune.models import heads
@@ -50,7 +51,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def warp(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """logits / temperature, cut (-inf) to the top_k tokens and to the smallest set whose probability
     reaches top_p, as HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper do in turn."""
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -66,7 +68,46 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | No
     """The next token of each row: argmax at temperature 0, else a draw from the warped distribution."""
     if temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(warp(logits, temperature, top_p, top_k).softmax(-1), 1).squeeze(1)
+    # inverse-CDF sampling: the same distribution as torch.multinomial, whose exponential draws over the
+    # whole vocabulary cost ~19 ms a step for 16 x 49k logits on a CPU, where a cumulative sum costs ~1 ms
+    cdf = warp(logits, temperature, top_p, top_k).softmax(-1).cumsum(-1)
+    u = (1 - torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]  # in (0, total]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+class _Preallocated(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views of buffers sized for the whole decode:
+    a new token is written in place, where DynamicLayer copies the layer's whole cache (torch.cat) at
+    every step."""
+    _layer_type = None  # not registered in transformers' layer-type mapping
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            b, h, _, _ = key_states.shape
+            self._k = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
+            self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        n = key_states.shape[-2]
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+def _cache(model: nn.Module, capacity: int) -> DynamicCache:
+    """The model's own cache layout (sliding windows and all), with every full-attention layer preallocated."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_Preallocated(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: list[int],
@@ -79,11 +120,10 @@ def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_toke
     out = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     stop_ids = torch.tensor(stop, device=ids.device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    body, cache, inputs, n = heads.backbone(model), None, ids, 0
+    body, cache, inputs, n = heads.backbone(model), _cache(model, ids.shape[1] + max_new_tokens), ids, 0
     for t in range(max_new_tokens):
         h = body(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True)
-        cache = h.past_key_values
         token = pick(heads.logits(model, h.last_hidden_state[:, -1]), temperature, top_p, top_k)
         out[rows, t] = token
         n = t + 1
