@@ -26,7 +26,7 @@ def test_ppo_trains_a_tiny_model_towards_its_reward(tiny_recipe, prompts):
     assert {"reward", "reward_std", "kl", "kl_coef", "entropy", "clip_ratio", "value_loss", "value_clip_ratio",
             "policy_loss", "approx_kl", "completion_length", "gen_tokens_per_s"} <= train[0].keys()
     rollouts = [train[i]["reward"] for i in range(0, len(train), 4)]
-    assert all(r["reward"] == train[i - i % 4]["reward"] for i, r in enumerate(train))  # one rollout, 4 steps
+    assert all(r["reward"] == pytest.approx(train[i - i % 4]["reward"]) for i, r in enumerate(train))  # a rollout: 4 steps
     assert rollouts[-1] > rollouts[0] + 0.1, rollouts  # it learns to write e's
     assert run.metrics["val_reward"] > run.before["val_reward"] + 0.1
     assert train[0]["clip_ratio"] == 0 and any(r["clip_ratio"] > 0 for r in train)  # later epochs move off policy
