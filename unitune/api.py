@@ -31,9 +31,10 @@ from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.engine.precompute import precompute_for_run
 from unitune.eval.metrics import generation_metrics, loss_metrics
-from unitune.eval.report import before_after_table, plot_loss, write_report
+from unitune.eval.report import before_after_table, plot_confusion, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
 from unitune.models import LoadedModel, load_model
+from unitune.models.loader import load_tokenizer, model_path
 from unitune.objectives import OBJECTIVES
 from unitune.objectives.reward import rewards
 
@@ -97,8 +98,24 @@ def objective_of(recipe: Recipe):
 
 
 def _num_labels(recipe: Recipe) -> int | None:
-    """The outputs of the objective's head when it needs a sequence classifier (a reward model: 1)."""
+    """The outputs of the objective's head when it fixes them (a reward model: 1)."""
     return getattr(objective_of(recipe), "NUM_LABELS", None)
+
+
+def load_for(recipe: Recipe, device, quantize=None, labels: list[str] | None = None, tokenizer=None) -> LoadedModel:
+    """The recipe's model as its objective trains it: a causal LM, or a classifier with its head."""
+    return load_model(recipe.model, device, quantize, _num_labels(recipe), labels,
+                      getattr(recipe.objective, "multi_label", False), tokenizer)
+
+
+def build_for(recipe: Recipe, tokenizer) -> tuple[DataBundle, list[str] | None]:
+    """The recipe's data as its objective reads it, and the classes a classifier learns (None for others)."""
+    objective = objective_of(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.train.seed, objective.example)
+    labels = objective.labels(data.train, data.val, recipe.objective) if hasattr(objective, "labels") else None
+    if labels:
+        data.stats["classes"] = len(labels)
+    return data, labels
 
 
 def _new_head(model: torch.nn.Module) -> list[str]:
@@ -111,13 +128,19 @@ def _new_head(model: torch.nn.Module) -> list[str]:
 
 def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
     seed_everything(recipe.train.seed)
-    # QLoRA: quantized as it loads
-    loaded = load_model(recipe.model, device, layer_quantizer(recipe.method), _num_labels(recipe))
-    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective_of(recipe).example)
+    # the data first: a classifier's head has one output per class the training data holds
+    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
+    data, labels = build_for(recipe, tokenizer)
+    seed_everything(recipe.train.seed)
+    loaded = load_for(recipe, device, layer_quantizer(recipe.method), labels, tokenizer)  # QLoRA: quantized as it loads
     seed_everything(recipe.train.seed)
     # A new head trains in full under every method and never gets an adapter: in an adapter, as PEFT's
     # SEQ_CLS task does, it is a module to save (a trained copy beside the frozen original).
     head = _new_head(loaded.model)
+    if head:
+        classes = f"{len(labels)} classes ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})" if labels \
+            else f"{loaded.model.config.num_labels} output"
+        print(f"unitune: new head {', '.join(head)} for {classes}, trained in full", flush=True)
     adapter = io.is_adapter(recipe.method)
     if head and adapter:
         if "modules_to_save" not in type(recipe.method).model_fields:
@@ -268,6 +291,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if is_main_process():
         save_output(run, loaded)
         plot_loss(run.history, run_dir / "loss.png")
+        if "val_confusion" in run.metrics:  # a classifier's
+            config = loaded.model.config
+            plot_confusion(run.metrics["val_confusion"], [config.id2label[i] for i in range(config.num_labels)],
+                           run_dir / "confusion.png")
         table = before_after_table(run.before, run.metrics, ("before", "after"))
         notes = [f"early stopping kept the weights of step {history.best['step']}, its best evaluation "
                  f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
@@ -282,33 +309,37 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
     path = Path(target)
     if (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")
-        if (path / "model").is_dir():
+        if (path / "model").is_dir():  # a saved classifier's config holds its classes
             saved = recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None, "random_init": False})
             return load_model(saved, device, num_labels=_num_labels(recipe))
         if not (path / "adapter").is_dir():
             raise FileNotFoundError(f"{path} holds no adapter/ or model/: did its training finish?")
-        loaded = load_model(recipe.model, device, num_labels=_num_labels(recipe))
+        loaded = load_model(recipe.model, device, **_head(path / "adapter"))
         loaded.model = io.load_adapter(loaded.model, path / "adapter")
         return loaded
     if (path / "adapter_config.json").is_file():
         base = io.adapter_base(path)  # unitune.json first: PEFT's field names a hub id for built-ins
-        loaded = load_model(ModelConfig(name=base), device, num_labels=_head_outputs(path))
+        loaded = load_model(ModelConfig(name=base), device, **_head(path))
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
     return load_model(ModelConfig(name=str(target)), device)
 
 
-def _head_outputs(adapter: Path) -> int | None:
-    """A SEQ_CLS adapter's number of labels: the rows of the head it saves (`score`, as transformers names
-    the head of every causal-LM classifier); None for any other task."""
+def _head(adapter: Path) -> dict:
+    """How to rebuild the classifier a SEQ_CLS adapter was trained on: its classes, as unitune saves them,
+    or else (an adapter from PEFT) the rows of the head it saves; nothing for any other task."""
     if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") != "SEQ_CLS":
-        return None
+        return {}
+    own = json.loads((adapter / io.OWN_FILE).read_text()) if (adapter / io.OWN_FILE).is_file() else {}
+    if own.get("labels"):
+        return {"labels": own["labels"], "multi_label": own.get("problem_type") == "multi_label_classification"}
+    heads = ("score.weight", "classifier.weight", "out_proj.weight")
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
-        heads = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("score.weight")]
-    if not heads:
-        raise ValueError(f"{adapter}: a SEQ_CLS adapter without its head (score.weight), so its classifier cannot be "
-                         "rebuilt; save the head with the adapter (modules_to_save: [score])")
-    return heads[0]
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(heads)]
+    if not rows:
+        raise ValueError(f"{adapter}: a SEQ_CLS adapter without its head ({', '.join(heads)}), so its classifier "
+                         "cannot be rebuilt; save the head with the adapter (modules_to_save)")
+    return {"num_labels": rows[0]}
 
 
 class RewardModel:
@@ -379,9 +410,10 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
     seed_everything(recipe.train.seed)
-    loaded = load_model(recipe.model, device, num_labels=_num_labels(recipe))
-    objective = objective_of(recipe)
-    data = build_data(recipe.data, loaded.tokenizer, recipe.train.seed, objective.example)
+    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
+    data, labels = build_for(recipe, tokenizer)
+    seed_everything(recipe.train.seed)
+    loaded = load_for(recipe, device, labels=labels, tokenizer=tokenizer)
     val = data.val or data.train
     # The reference of a preference objective is the base model, for the base and the tuned alike.
     base = copy.deepcopy(loaded.model).eval() if run and needs_ref(recipe) else loaded.model

@@ -35,6 +35,9 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights in memory
     trust_remote_code: bool = False
     chat_template: str | None = None  # a Jinja template or a file path; default: the tokenizer's
+    # what the model is: a causal LM, or a sequence classifier (a new head over the same backbone);
+    # auto: the kind the objective trains (classify and reward: seq-cls)
+    kind: Literal["auto", "causal-lm", "seq-cls"] = "auto"
 
 
 class DataConfig(Section):
@@ -59,7 +62,7 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, gt=0)  # rows per micro-batch (a packed row holds several examples)
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: the objective's default for the method (2e-4 for most)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -264,9 +267,32 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     if recipe.data.packing and not packs(recipe.method):
         raise RecipeError(f"method '{recipe.method.name}' puts virtual tokens before each sequence, which packed rows "
                           "cannot hold (only a row's first sequence would see them): set data.packing=false")
+    if recipe.train.lr is None:  # resolved here, so the saved recipe says which rate ran
+        recipe.train.lr = default_lr(recipe)
+    recipe.model.kind = model_kind(recipe)
     if recipe.output.name is None and name:
         recipe.output.name = name
     return recipe
+
+
+def default_lr(recipe: Recipe) -> float:
+    """2e-4, unless the objective knows better for the method: a new classification head under LoRA
+    needs ~10x more, and full fine-tuning of an encoder ~4x less (objectives/classify.py)."""
+    from unitune.objectives import OBJECTIVES
+
+    rule = getattr(OBJECTIVES[recipe.objective.name], "default_lr", None)
+    return rule(recipe.method) if rule else 2e-4
+
+
+def model_kind(recipe: Recipe) -> str:
+    """The kind the objective trains; a recipe that names another is an error."""
+    from unitune.objectives import OBJECTIVES
+
+    kind = getattr(OBJECTIVES[recipe.objective.name], "KIND", "causal-lm")
+    if recipe.model.kind not in ("auto", kind):
+        raise RecipeError(f"model.kind={recipe.model.kind}, but objective.name={recipe.objective.name} trains a {kind} "
+                          f"model: set model.kind={kind} (or auto), or choose another objective")
+    return kind
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -281,8 +281,8 @@ def test_renamed_tensors_load_whole_with_a_notice(tiny_llama, tmp_path, capsys):
 
 def test_prepare_loads_a_qlora_base_quantized(tiny_recipe, monkeypatch):
     asked = []
-    monkeypatch.setattr(api, "load_model", lambda cfg, device, quantize=None, num_labels=None: asked.append(quantize) or load_model(
-        cfg, device, quantize, num_labels))
+    monkeypatch.setattr(api, "load_model", lambda cfg, device, quantize=None, *rest: asked.append(quantize) or load_model(
+        cfg, device, quantize, *rest))
     tiny_recipe["method"] = {"name": "qlora", "r": 4, "target_modules": "all-linear"}
     loaded, _ = api.prepare(load_recipe(tiny_recipe), torch.device("cpu"))
     assert asked[0].func is qlora.layer_quantizer and asked[0].args[0].name == "qlora"

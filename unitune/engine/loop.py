@@ -163,7 +163,9 @@ def train_loop(
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not is_main_process())
     # throughput counts training time only, not evaluation nor batch fetching (an online objective's generation);
     # elapsed_s is the steps' whole wall time, fetching included (steps per hour)
-    tokens_seen, train_time, elapsed = 0, 0.0, 0.0
+    # what the objective counts as throughput (`seen_tokens`, `seen_examples`): logged as <unit>_per_s
+    seen: dict[str, float] = {}
+    train_time, elapsed = 0.0, 0.0
     step = start
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
@@ -180,7 +182,8 @@ def train_loop(
                 stop_non_finite(f"loss became {loss.item()} at step {step}")
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
-            tokens_seen += info.pop("seen_tokens")
+            for key in [k for k in info if k.startswith("seen_")]:
+                seen[key[5:]] = seen.get(key[5:], 0.0) + float(info.pop(key))
             for k, v in info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if scaler:
@@ -201,11 +204,12 @@ def train_loop(
         elapsed += time.perf_counter() - t0
         train_time += time.perf_counter() - t0 - fetch
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_seen / train_time, "elapsed_s": elapsed,
-                  **{k: v / n for k, v in sums.items()}}
+                  "grad_norm": grad_norm, **{f"{unit}_per_s": v / train_time for unit, v in seen.items()},
+                  "elapsed_s": elapsed, **{k: v / n for k, v in sums.items()}}
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
+                        **{f"{unit}_s": f"{v / train_time:.0f}" for unit, v in seen.items()})
         bar.update(1)
 
         stop = False

@@ -22,7 +22,7 @@ def loss_metrics(model, batches: Batches, objective, cfg, ref, device, amp) -> d
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, amp):
             total, info = objective.loss(model, batch, cfg, ref)
-        info.pop("seen_tokens", None)
+        info = {k: v for k, v in info.items() if not k.startswith("seen_")}
         for k, v in {"loss": total, **info}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += objective.count(batch)

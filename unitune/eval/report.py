@@ -43,11 +43,38 @@ def plot_loss(records: list[dict], out: Path) -> Path | None:
     return out
 
 
+def plot_confusion(confusion: list[list[int]], labels: list[str], out: Path) -> Path:
+    """The held-out confusion matrix: counts, rows the true class, columns the predicted one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * k, 2 + 0.5 * k))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        top = max(max(r) for r in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, n in enumerate(row):
+                ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    fig.tight_layout()
+    with atomic.temp_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, params: dict,
                  notes: list[str] = ()) -> Path:
     lines = [f"# {run_dir.name}", "", "## Before and after", "", table, "", *notes, ""]
-    if (run_dir / "loss.png").is_file():
-        lines += ["![loss curve](loss.png)", ""]
+    for name, what in (("loss.png", "loss curve"), ("confusion.png", "held-out confusion matrix")):
+        if (run_dir / name).is_file():
+            lines += [f"![{what}]({name})", ""]
     lines += ["## Model", "", f"trainable parameters: {params['trainable']:,} of {params['total']:,} "
               f"({100 * params['trainable'] / params['total']:.3f}%)", "", "## Data", ""]
     lines += [f"- {k}: {v}" for k, v in stats.items()] + [""]

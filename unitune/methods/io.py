@@ -25,7 +25,8 @@ from torch import nn
 from unitune.models.builtin import BUILTINS, builtin_name
 
 PEFT_PREFIX = "base_model.model."
-OWN_FILE = "unitune.json"  # {"base_model": the built-in name or local path unitune loads the base from}
+# {"base_model": the built-in name or local path unitune loads the base from; a classifier's "labels"}
+OWN_FILE = "unitune.json"
 
 
 def peft_methods() -> dict[str, ModuleType]:
@@ -57,7 +58,11 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
               "base_model_name_or_path": BUILTINS[builtin].hub_id if builtin else base_name,
               "inference_mode": True, "modules_to_save": None, **method.peft_config(cfg, model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (out / OWN_FILE).write_text(json.dumps({"base_model": builtin or base_name}, indent=2))
+    own = {"base_model": builtin or base_name}
+    if config["task_type"] == "SEQ_CLS":  # the classes, which PEFT's files do not record
+        own.update(labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
+                   problem_type=model.config.problem_type)
+    (out / OWN_FILE).write_text(json.dumps(own, indent=2))
 
 
 def adapter_base(path: str | Path) -> str | None:

@@ -24,8 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from unitune.config import Section
 from unitune.methods.quant import QuantEmbedding, dequantize_model
-from unitune.methods.targets import (find_modules_to_save, find_targets, layer_index, matches, pattern_value,
-                                     set_module)
+from unitune.methods.targets import (attention_projections, find_modules_to_save, find_targets, layer_index, matches,
+                                     pattern_value, set_module)
 
 PEFT_TYPE = "LORA"
 
@@ -35,7 +35,8 @@ class Config(Section):
     r: int = Field(8, gt=0)
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # None: the family's attention projections (q/k/v/o_proj in Llama, query/key/value/... in BERT)
+    target_modules: str | list[str] | None = None
     rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B (and 1-D params) learn this much faster
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapters on embedding layers (PEFT's)
@@ -417,7 +418,7 @@ LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d, QuantEmbedding: Lo
 
 def targets(model: nn.Module, cfg: Config) -> list[str]:
     """The modules the adapter goes on: target_modules, less exclude_modules, within layers_to_transform."""
-    names = find_targets(model, cfg.target_modules, extra=tuple(LAYERS))
+    names = find_targets(model, cfg.target_modules or attention_projections(model), extra=tuple(LAYERS))
     layers = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
     kept = [n for n in names if not (cfg.exclude_modules and matches(n, cfg.exclude_modules))
             and (not layers or layer_index(n, cfg.layers_pattern) in layers)]

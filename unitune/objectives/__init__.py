@@ -11,9 +11,10 @@ An objective module exports:
 - `count(batch) -> int`: what one optimizer step normalises by (loss tokens, pairs, ...), summed over
   its micro-batches, so gradient accumulation gives exactly the gradient of one large batch;
 - `loss(model, batch, cfg, ref) -> (loss_sum, metrics)`: the loss summed over the batch's counted
-  units; `metrics` holds sums over the same units (the engine logs their means) and `seen_tokens`
-  (throughput). `ref` is a context manager yielding the reference model: the policy with its
-  adapters disabled where the method can, else a frozen copy; only used by objectives with NEEDS_REF;
+  units; `metrics` holds sums over the same units (the engine logs their means) and `seen_<unit>`
+  (throughput: `seen_tokens`, `seen_examples`, logged as `<unit>_per_s`). `ref` is a context manager
+  yielding the reference model: the policy with its adapters disabled where the method can, else a
+  frozen copy; only used by objectives with NEEDS_REF;
 - optionally `summarize(means) -> dict`: evaluation figures derived from the means (perplexity).
 - optionally `reference_logps(reference, batch, cfg) -> [examples, k]`, with a `precompute_ref` field in
   Config: the reference's values computed once before training (engine/precompute.py), kept on the
@@ -25,8 +26,11 @@ An objective module exports:
   its buffer in the checkpoint), and `evaluate(model, tok, val, recipe, device, amp) -> metrics`.
 - optionally `TRAINED_BESIDE`: names of modules the source adds to the model, trained and checkpointed
   with it but not part of the output (PPO's value head): saved as `<name>.safetensors` in the run.
-- optionally `NUM_LABELS`: the model is loaded as a sequence classifier with that many outputs (a reward
-  model: 1) instead of a causal LM; its new head trains in full under every method.
+- optionally `KIND`: the model kind it trains (models/kinds.py; default causal-lm). A sequence classifier
+  gets a new head, which trains in full under every method; its outputs are `NUM_LABELS` (a reward
+  model: 1), or the classes `labels(train, val, cfg)` finds in the training data (classify), called after the
+  data is read and before the model is loaded;
+- optionally `default_lr(method_cfg) -> float`: train.lr when the recipe sets none (else 2e-4).
 
 Adding an objective is one module and one line in OBJECTIVES.
 """
@@ -34,10 +38,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import dpo, grpo, kto, orpo, ppo, reward, simpo, sft
+from unitune.objectives import classify, dpo, grpo, kto, orpo, ppo, reward, simpo, sft
 
 OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto,
-                                     "reward": reward, "grpo": grpo, "ppo": ppo}
+                                     "reward": reward, "grpo": grpo, "ppo": ppo, "classify": classify}
 
 
 def objective_config(data: dict):

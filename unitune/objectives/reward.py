@@ -25,6 +25,7 @@ from unitune.models import heads
 from unitune.objectives import preference
 from unitune.objectives.pairs import PACKS, collate, count  # noqa: F401  (the objective's data)
 
+KIND = "seq-cls"
 NUM_LABELS = 1  # the model is loaded as a sequence classifier with one output: the reward
 
 
