@@ -102,20 +102,20 @@ def _num_labels(recipe: Recipe) -> int | None:
     return getattr(objective_of(recipe), "NUM_LABELS", None)
 
 
-def load_for(recipe: Recipe, device, quantize=None, labels: list[str] | None = None, tokenizer=None) -> LoadedModel:
-    """The recipe's model as its objective trains it: a causal LM, or a classifier with its head."""
-    return load_model(recipe.model, device, quantize, _num_labels(recipe), labels,
-                      getattr(recipe.objective, "multi_label", False), tokenizer)
-
-
-def build_for(recipe: Recipe, tokenizer) -> tuple[DataBundle, list[str] | None]:
-    """The recipe's data as its objective reads it, and the classes a classifier learns (None for others)."""
+def load_with_data(recipe: Recipe, device, quantize=None) -> tuple[LoadedModel, DataBundle, list[str] | None]:
+    """The recipe's data, then its model as the objective trains it (a causal LM, or a classifier whose head
+    has one output per class the training data holds), and those classes (None for other objectives)."""
+    seed_everything(recipe.train.seed)
     objective = objective_of(recipe)
+    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
     data = build_data(recipe.data, tokenizer, recipe.train.seed, objective.example)
     labels = objective.labels(data.train, data.val, recipe.objective) if hasattr(objective, "labels") else None
     if labels:
         data.stats["classes"] = len(labels)
-    return data, labels
+    seed_everything(recipe.train.seed)
+    loaded = load_model(recipe.model, device, quantize, _num_labels(recipe), labels,
+                        getattr(recipe.objective, "multi_label", False), tokenizer)
+    return loaded, data, labels
 
 
 def _new_head(model: torch.nn.Module) -> list[str]:
@@ -127,12 +127,7 @@ def _new_head(model: torch.nn.Module) -> list[str]:
 
 
 def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBundle]:
-    seed_everything(recipe.train.seed)
-    # the data first: a classifier's head has one output per class the training data holds
-    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
-    data, labels = build_for(recipe, tokenizer)
-    seed_everything(recipe.train.seed)
-    loaded = load_for(recipe, device, layer_quantizer(recipe.method), labels, tokenizer)  # QLoRA: quantized as it loads
+    loaded, data, labels = load_with_data(recipe, device, layer_quantizer(recipe.method))  # QLoRA: quantized as it loads
     seed_everything(recipe.train.seed)
     # A new head trains in full under every method and never gets an adapter: in an adapter, as PEFT's
     # SEQ_CLS task does, it is a module to save (a trained copy beside the frozen original).
@@ -409,11 +404,7 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device)
-    seed_everything(recipe.train.seed)
-    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
-    data, labels = build_for(recipe, tokenizer)
-    seed_everything(recipe.train.seed)
-    loaded = load_for(recipe, device, labels=labels, tokenizer=tokenizer)
+    loaded, data, _ = load_with_data(recipe, device)
     val = data.val or data.train
     # The reference of a preference objective is the base model, for the base and the tuned alike.
     base = copy.deepcopy(loaded.model).eval() if run and needs_ref(recipe) else loaded.model
