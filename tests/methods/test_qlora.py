@@ -339,7 +339,9 @@ def test_a_1b_model_loads_within_its_quantized_size_plus_one_layer(tmp_path, tok
     assert weights > 0.85e9 and m["quantized"] < 0.3 * 2 * weights  # NF4 blocks and an 8-bit table
     # the quantized model plus the layer in hand (its bf16 read and fp32 copy: 0.28 GB for an MLP matrix)
     assert m["peak"] - m["before"] < m["quantized"] + 0.4 * 2**30
-    assert m["peak"] < 1.5 * 2**30 < 4 * weights / 2  # under half of what the fp32 model alone takes
+    # under half of what the fp32 model alone takes (an absolute ceiling would also measure the imports'
+    # footprint, which moves by megabytes between fresh environments)
+    assert m["peak"] < 4 * weights / 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
