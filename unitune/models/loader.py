@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -71,6 +72,14 @@ def _locate(cfg: ModelConfig) -> tuple[Path, str | None]:
     return path, None
 
 
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's content key, hashed once per process (the tokenizer and the model both locate it); the
+    size and mtime in the key make a replaced file hash again."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def _gguf_cache(folder: Path, gguf: str) -> Path:
     """Dequantize a GGUF model once into a plain safetensors directory and return it.
 
@@ -78,9 +87,8 @@ def _gguf_cache(folder: Path, gguf: str) -> Path:
     second process that starts while the first converts wait for it and reuse its result.
     """
     src = folder / gguf
-    with src.open("rb") as f:
-        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    out = cache_root() / "gguf" / f"{src.stem}-{key}"
+    stat = src.stat()
+    out = cache_root() / "gguf" / f"{src.stem}-{_digest(src, stat.st_size, stat.st_mtime_ns)}"
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,9 +133,8 @@ def _class_weights(train: list[Labelled], classes: list[str], cfg: Config) -> li
             raise DataError(f"objective.class_weights has {len(cfg.class_weights)} weights for {len(classes)} classes "
                             f"({', '.join(classes)}); give one per class, in that order")
         return list(cfg.class_weights)
-    counts = torch.zeros(len(classes))
-    for ex in train:
-        counts += torch.tensor(ex.target) if cfg.multi_label else F.one_hot(torch.tensor(ex.target), len(classes))
+    targets = torch.tensor([ex.target for ex in train])
+    counts = targets.sum(0) if cfg.multi_label else torch.bincount(targets, minlength=len(classes))
     return (len(train) / (len(classes) * counts.clamp(min=1))).tolist()
 
 
