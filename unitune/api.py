@@ -33,7 +33,7 @@ from unitune.engine.precompute import precompute_for_run
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_confusion, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
-from unitune.models import LoadedModel, load_model
+from unitune.models import LoadedModel, load_model, vision
 from unitune.models.loader import load_tokenizer, model_path
 from unitune.objectives import OBJECTIVES
 from unitune.objectives.reward import rewards
@@ -107,22 +107,31 @@ def load_with_data(recipe: Recipe, device, quantize=None) -> tuple[LoadedModel, 
     has one output per class the training data holds), and those classes (None for other objectives)."""
     seed_everything(recipe.train.seed)
     objective = objective_of(recipe)
-    tokenizer = load_tokenizer(model_path(recipe.model), recipe.model)
-    data = build_data(recipe.data, tokenizer, recipe.train.seed, objective.example)
+    image = recipe.model.kind == "image-cls"
+    # what turns rows into inputs, known before the model is built (its head depends on the data's classes)
+    processor = vision.processor(recipe.model, recipe.data) if image else \
+        load_tokenizer(model_path(recipe.model), recipe.model)
+    data = build_data(recipe.data, processor, recipe.train.seed, objective.example)
     labels = objective.labels(data.train, data.val, recipe.objective) if hasattr(objective, "labels") else None
     if labels:
         data.stats["classes"] = len(labels)
     seed_everything(recipe.train.seed)
-    loaded = load_model(recipe.model, device, quantize, _num_labels(recipe), labels,
-                        getattr(recipe.objective, "multi_label", False), tokenizer)
+    multi_label = getattr(recipe.objective, "multi_label", False)
+    if image:
+        if quantize:
+            raise RecipeError(f"method.name={recipe.method.name} quantizes a language model's linear layers; an image "
+                              "classifier trains with lora, adapter, bitfit, partial, probe or full")
+        return vision.load(recipe.model, processor, labels, multi_label, device, recipe.train.seed), data, labels
+    loaded = load_model(recipe.model, device, quantize, _num_labels(recipe), labels, multi_label, processor)
     return loaded, data, labels
 
 
-def _new_head(model: torch.nn.Module) -> list[str]:
-    """The modules a sequence classifier adds to its backbone (a reward model's `score`), whose weights
-    the pretrained checkpoint does not have."""
-    if io.task_type(model) != "SEQ_CLS":
-        return []
+def _new_head(loaded: LoadedModel) -> list[str]:
+    """The modules a classifier adds to its backbone (a reward model's `score`, an image classifier's `fc`),
+    whose weights the pretrained checkpoint does not have."""
+    model = loaded.model
+    if loaded.head or io.task_type(model) != "SEQ_CLS":
+        return loaded.head
     return [n for n, m in model.named_children() if n != model.base_model_prefix and any(True for _ in m.parameters())]
 
 
@@ -131,11 +140,14 @@ def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBund
     seed_everything(recipe.train.seed)
     # A new head trains in full under every method and never gets an adapter: in an adapter, as PEFT's
     # SEQ_CLS task does, it is a module to save (a trained copy beside the frozen original).
-    head = _new_head(loaded.model)
+    loaded.head = head = _new_head(loaded)
     if head:
         classes = f"{len(labels)} classes ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})" if labels \
             else f"{loaded.model.config.num_labels} output"
         print(f"unitune: new head {', '.join(head)} for {classes}, trained in full", flush=True)
+    if recipe.method.name == "probe" and not head:
+        raise RecipeError(f"method.name=probe trains a new task head alone, and objective.name={recipe.objective.name} "
+                          "adds none: use it with objective.name=classify")
     adapter = io.is_adapter(recipe.method)
     if head and adapter:
         if "modules_to_save" not in type(recipe.method).model_fields:
@@ -146,6 +158,8 @@ def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBund
     loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     for name in head if not adapter else []:
         loaded.model.get_submodule(name).requires_grad_(True)
+    if recipe.model.kind == "image-cls" and (frozen := vision.freeze_batch_norms(loaded.model)):
+        print(f"unitune: {frozen} batch norms with frozen parameters normalise with the loaded model's statistics", flush=True)
     return loaded, data
 
 
@@ -202,7 +216,9 @@ def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, s
 def save_output(run: Run, loaded: LoadedModel) -> None:
     with atomic.directory(run.output) as tmp:  # the previous output stays whole until the new one is
         if io.is_adapter(run.recipe.method):
-            io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source)
+            io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source, loaded.info)
+        elif loaded.info:  # an image classifier
+            vision.save(loaded, tmp)
         else:
             loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -252,6 +268,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     objective = objective_of(recipe)
+    if hasattr(objective, "cache_features") and loaded.head and objective.cache_features(
+            loaded.model, loaded.head[0], data.train, data.val, loaded.tokenizer.pad_token_id, recipe, device, amp):
+        print(f"unitune: only the head trains: its inputs computed once for {len(data.train) + len(data.val)} examples "
+              "(no augmentation, no backbone passes in training)", flush=True)
     batches = None if hasattr(objective, "source") else \
         _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     ref = None
@@ -287,9 +307,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         save_output(run, loaded)
         plot_loss(run.history, run_dir / "loss.png")
         if "val_confusion" in run.metrics:  # a classifier's
-            config = loaded.model.config
-            plot_confusion(run.metrics["val_confusion"], [config.id2label[i] for i in range(config.num_labels)],
-                           run_dir / "confusion.png")
+            plot_confusion(run.metrics["val_confusion"], labels_of(loaded), run_dir / "confusion.png")
         table = before_after_table(run.before, run.metrics, ("before", "after"))
         notes = [f"early stopping kept the weights of step {history.best['step']}, its best evaluation "
                  f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
@@ -299,22 +317,35 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     return run
 
 
+def labels_of(loaded: LoadedModel) -> list[str]:
+    """A classifier's classes, in output order."""
+    if loaded.info:
+        return loaded.info["labels"]
+    config = loaded.model.config
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
 def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """A run directory (its base model with the trained adapter or weights), or any model `load_model` takes."""
     path = Path(target)
     if (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")
+        if vision.saved_info(path / "model"):
+            return vision.load_saved(path / "model", device)
         if (path / "model").is_dir():  # a saved classifier's config holds its classes
             saved = recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None, "random_init": False})
             return load_model(saved, device, num_labels=_num_labels(recipe))
         if not (path / "adapter").is_dir():
             raise FileNotFoundError(f"{path} holds no adapter/ or model/: did its training finish?")
-        loaded = load_model(recipe.model, device, **_head(path / "adapter"))
-        loaded.model = io.load_adapter(loaded.model, path / "adapter")
+        adapter = path / "adapter"
+        loaded = vision.load_adapter_base(adapter, device) if vision.saved_info(adapter) else \
+            load_model(recipe.model, device, **_head(adapter))
+        loaded.model = io.load_adapter(loaded.model, adapter)
         return loaded
     if (path / "adapter_config.json").is_file():
         base = io.adapter_base(path)  # unitune.json first: PEFT's field names a hub id for built-ins
-        loaded = load_model(ModelConfig(name=base), device, **_head(path))
+        loaded = vision.load_adapter_base(path, device) if vision.saved_info(path) else \
+            load_model(ModelConfig(name=base), device, **_head(path))
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
     return load_model(ModelConfig(name=str(target)), device)

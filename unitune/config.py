@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from unitune import atomic
 
@@ -29,15 +29,20 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = "smollm2-135m-instruct"  # built-in name, HF model directory, or a .gguf file
+    # built-in name, HF model directory, .gguf file, or an image classifier's architecture (resnet18,
+    # mobilenet_v2, efficientnet_b0, ... from torchvision; timm/<name> with timm installed)
+    name: str = "smollm2-135m-instruct"
     gguf_file: str | None = None  # file name inside `name` when `name` is a directory of GGUFs
     random_init: bool = False  # build from the config only, with random weights (tests)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights in memory
     trust_remote_code: bool = False
     chat_template: str | None = None  # a Jinja template or a file path; default: the tokenizer's
-    # what the model is: a causal LM, or a sequence classifier (a new head over the same backbone);
-    # auto: the kind the objective trains (classify and reward: seq-cls)
-    kind: Literal["auto", "causal-lm", "seq-cls"] = "auto"
+    # what the model is: a causal LM, a sequence classifier (a new head over the same backbone), or an image
+    # classifier; auto: the kind the objective trains (reward: seq-cls; classify: image-cls for an image model)
+    kind: Literal["auto", "causal-lm", "seq-cls", "image-cls"] = "auto"
+    # an image model's pretrained weights: a .pth / .safetensors file (torchvision's or timm's names), or
+    # `imagenet` where a package ships them (mobilenet_v2); `none`: random initialisation (from scratch)
+    weights: str = "imagenet"
 
 
 class DataConfig(Section):
@@ -55,6 +60,19 @@ class DataConfig(Section):
     system_prompt: str | None = None
     max_examples: int | None = None
     generator: str | None = None  # `module:function` that writes the data files (built-in tasks)
+    # images: relative paths in a CSV / JSONL resolve against `images` (default: the file's folder)
+    images: str | None = None
+    image_size: int | None = Field(None, gt=0)  # square side the model sees; default: the model's (224)
+    # training augmentation: crop (random resized crop, area in crop_scale), flip (horizontal); [] for none
+    augment: list[Literal["crop", "flip"]] = ["crop", "flip"]
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"crop_scale {list(v)} must be [low, high] with 0 < low <= high <= 1 (fractions of the area)")
+        return v
 
 
 class TrainConfig(Section):
@@ -288,7 +306,8 @@ def model_kind(recipe: Recipe) -> str:
     """The kind the objective trains; a recipe that names another is an error."""
     from unitune.objectives import OBJECTIVES
 
-    kind = getattr(OBJECTIVES[recipe.objective.name], "KIND", "causal-lm")
+    objective = OBJECTIVES[recipe.objective.name]
+    kind = objective.kind(recipe) if hasattr(objective, "kind") else getattr(objective, "KIND", "causal-lm")
     if recipe.model.kind not in ("auto", kind):
         raise RecipeError(f"model.kind={recipe.model.kind}, but objective.name={recipe.objective.name} trains a {kind} "
                           f"model: set model.kind={kind} (or auto), or choose another objective")

@@ -1,4 +1,5 @@
-"""Read rows from local files: JSONL, JSON, CSV/TSV, Parquet, or a `datasets` save_to_disk directory.
+"""Read rows from local files: JSONL, JSON, CSV/TSV, Parquet, a `datasets` save_to_disk directory, or an
+image folder (one subfolder of images per class: rows of `image` path and `label`).
 
 Every row keeps where it came from (file and line) so a bad one can be named precisely. Text files
 must be UTF-8, with or without a byte-order mark; JSON is read strictly (no duplicate keys, no NaN),
@@ -26,6 +27,7 @@ class Row:
     data: dict[str, Any]
     where: str  # "file:line" (or "file:row N" where lines don't apply)
     columns: str | None = None  # tabular files: "file.csv: header has columns [...]", for errors about a column
+    file: Path | None = None  # the file it was read from (relative image paths resolve against its folder)
 
 
 def read_rows(path: str | Path) -> list[Row]:
@@ -33,7 +35,7 @@ def read_rows(path: str | Path) -> list[Row]:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
-        rows = _read_datasets_dir(path)
+        rows = _read_image_folder(path) if is_image_folder(path) else _read_datasets_dir(path)
     else:
         suffix = path.suffix.lower()
         readers = {".jsonl": _read_json, ".ndjson": _read_json, ".json": _read_json, ".csv": _read_csv,
@@ -43,6 +45,28 @@ def read_rows(path: str | Path) -> list[Row]:
         rows = readers[suffix](path)
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty, or has only a header); add examples or name another file")
+    for r in rows:
+        r.file = path
+    return rows
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_folder(path: Path) -> bool:
+    """A directory of class subfolders holding images (torchvision's ImageFolder layout)."""
+    return any(sub.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.iterdir()) for sub in path.iterdir())
+
+
+def _read_image_folder(path: Path) -> list[Row]:
+    """One row per image: `image` (its path) and `label` (its subfolder's name). Other files are ignored,
+    as ImageFolder ignores them; a class folder with no images is an error (its class would be unlearnable)."""
+    rows = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if not images:
+            raise DataError(f"{sub}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add some or remove it")
+        rows += [Row({"image": str(f), "label": sub.name}, str(f)) for f in images]
     return rows
 
 

@@ -44,6 +44,14 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that training updates without a gradient: the running statistics of batch norms in train mode
+    (a frozen one is a FrozenBatchNorm2d, whose buffers never change)."""
+    return {f"{n}.{k}" if n else k: b for n, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for k, b in m.named_buffers(recurse=False)}
+
+
 def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / "weights.safetensors")
 
@@ -74,7 +82,7 @@ def save_best(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], metri
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for k, v in load_file(path / "weights.safetensors").items():
             params[k].copy_(v)

@@ -108,6 +108,7 @@ def train_loop(
     ckpt_dir = run_dir / "checkpoints"
     history = History(path=run_dir / "metrics.jsonl")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kept = dict(trainable) | checkpoint.running_stats(model)  # what a checkpoint keeps: all that training changes
     state = {"cursor": 0, "best": None, "bad_evals": 0, "stopped": None}
 
     start = 0
@@ -140,7 +141,7 @@ def train_loop(
         better = state["best"] is None or (value < state["best"] if cfg.early_stopping_mode == "min" else value > state["best"])
         state["best"], state["bad_evals"] = (value, 0) if better else (state["best"], state["bad_evals"] + 1)
         if better and is_main_process():
-            checkpoint.save_best(ckpt_dir, step, dict(trainable), record)
+            checkpoint.save_best(ckpt_dir, step, kept, record)
         return state["bad_evals"] >= cfg.early_stopping_patience
 
     def save(step: int) -> None:
@@ -149,7 +150,7 @@ def train_loop(
             tensors = None
             if hasattr(batches, "state"):
                 state["source"], tensors = batches.state()
-            checkpoint.save(ckpt_dir, step, dict(trainable), optimizer, scheduler, state, cfg.keep_checkpoints, tensors)
+            checkpoint.save(ckpt_dir, step, kept, optimizer, scheduler, state, cfg.keep_checkpoints, tensors)
 
     def stop_non_finite(what: str) -> None:
         last = checkpoint.list_checkpoints(ckpt_dir)

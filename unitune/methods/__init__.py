@@ -13,11 +13,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import ModuleType
 
-from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, prefix, prompt, ptuning, qlora
+from unitune.methods import adapter, bitfit, full, ia3, layernorm, lora, partial, prefix, probe, prompt, ptuning, qlora
 
 METHODS: dict[str, ModuleType] = {
     "full": full, "lora": lora, "qlora": qlora, "adapter": adapter, "prefix": prefix, "prompt": prompt,
-    "ptuning": ptuning, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial,
+    "ptuning": ptuning, "ia3": ia3, "bitfit": bitfit, "layernorm": layernorm, "partial": partial, "probe": probe,
 }
 
 

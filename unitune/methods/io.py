@@ -45,7 +45,8 @@ def is_adapter(cfg) -> bool:
     return hasattr(METHODS[cfg.name], "PEFT_TYPE")
 
 
-def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
+def save_adapter(model: nn.Module, out: Path, cfg, base_name: str, info: dict | None = None) -> None:
+    """`info`: what else rebuilds the base (an image classifier's architecture, weights, classes and head)."""
     from unitune.methods import METHODS
 
     method = METHODS[cfg.name]
@@ -58,7 +59,7 @@ def save_adapter(model: nn.Module, out: Path, cfg, base_name: str) -> None:
               "base_model_name_or_path": BUILTINS[builtin].hub_id if builtin else base_name,
               "inference_mode": True, "modules_to_save": None, **method.peft_config(cfg, model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    own = {"base_model": builtin or base_name}
+    own = {"base_model": builtin or base_name, **(info or {})}
     if config["task_type"] == "SEQ_CLS":  # the classes, which PEFT's files do not record
         own.update(labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
                    problem_type=model.config.problem_type)

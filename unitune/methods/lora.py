@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from unitune.config import Section
 from unitune.methods.quant import QuantEmbedding, dequantize_model
-from unitune.methods.targets import (attention_projections, find_modules_to_save, find_targets, layer_index, matches,
+from unitune.methods.targets import (default_targets, find_modules_to_save, find_targets, layer_index, matches,
                                      pattern_value, set_module)
 
 PEFT_TYPE = "LORA"
@@ -418,7 +418,7 @@ LAYERS = {nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d, QuantEmbedding: Lo
 
 def targets(model: nn.Module, cfg: Config) -> list[str]:
     """The modules the adapter goes on: target_modules, less exclude_modules, within layers_to_transform."""
-    names = find_targets(model, cfg.target_modules or attention_projections(model), extra=tuple(LAYERS))
+    names = find_targets(model, cfg.target_modules or default_targets(model), extra=tuple(LAYERS))
     layers = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
     kept = [n for n in names if not (cfg.exclude_modules and matches(n, cfg.exclude_modules))
             and (not layers or layer_index(n, cfg.layers_pattern) in layers)]
@@ -528,7 +528,8 @@ def target_modules(model: nn.Module, adapter: str) -> str | list[str]:
     that names each layer (a subset of blocks, a regex target, layers_to_transform)."""
     names = {n for n, m in lora_layers(model) if adapter in m.scaling}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    if set(find_targets(model, leaves, extra=tuple(LAYERS))) == names:
+    # PEFT wraps every module a leaf name matches (an error for a block named `0`, as in a CNN's `downsample.0`)
+    if {n for n, _ in model.named_modules() if n and matches(n, leaves)} == names:
         return leaves
     return "|".join(re.escape(n) for n in sorted(names))
 

@@ -52,6 +52,20 @@ def attention_projections(model: nn.Module) -> list[str]:
                      f"method.target_modules (its layers are named: {', '.join(leaves)}; or 'all-linear')")
 
 
+def default_targets(model: nn.Module) -> list[str]:
+    """A method's targets when the recipe names none: a transformer family's attention projections; for a
+    convolutional network (PEFT has no default for one), its convolutions (ungrouped: a depthwise one is
+    already low-rank per channel) and linear layers, each by its full name."""
+    try:
+        return attention_projections(model)
+    except ValueError:
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+        if not convs:
+            raise
+        skip = output_layer_names(model)
+        return convs + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+
+
 def find_targets(model: nn.Module, targets: str | list[str], extra: tuple[type, ...] = ()) -> list[str]:
     """Names of the linear modules to wrap; an error that lists candidates if none match.
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from unitune import atomic
 from unitune.config import ModelConfig
+from unitune.data.images import ImageProcessor
 from unitune.engine.memory import release_freed_memory
 from unitune.models.builtin import BUILTINS, resolve
 
@@ -41,9 +42,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel | nn.Module
+    tokenizer: PreTrainedTokenizerBase | ImageProcessor  # the processor: an image model's is an ImageProcessor
     source: str  # what to write as base_model_name_or_path
+    head: list[str] = field(default_factory=list)  # a new task head (trains in full), where the kind knows it
+    info: dict = field(default_factory=dict)  # an image classifier's unitune.json (what rebuilds it)
 
 
 def cache_root() -> Path:

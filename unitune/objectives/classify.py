@@ -1,11 +1,15 @@
-"""Classification: a head over a model's sequence representation learns the classes of the training data.
+"""Classification: a head over a model's representation of a text or an image learns the classes of the
+training data.
 
-Rows are `text` (+ `text_pair` for sentence-pair tasks) and `label`: a class name or an integer; with
-`multi_label`, a list of them (or one string joined by `label_separator`). The classes are the training
+Rows are `text` (+ `text_pair` for sentence-pair tasks), or `image` (a path: an image folder's files, or a
+column of a CSV / JSONL), and `label`: a class name or an integer; with `multi_label`, a list of them (or one
+string joined by `label_separator`). The classes are the training
 data's, sorted (integers in numeric order), unless `objective.labels` lists them; a validation label that
-is not one of them is an error naming its row. The model is loaded as a sequence classifier
-(AutoModelForSequenceClassification: BERT pools [CLS], a decoder reads its last token) whose head is new
-and trains in full under every method; its config keeps the classes as id2label.
+is not one of them is an error naming its row. A text model is loaded as a sequence classifier
+(AutoModelForSequenceClassification: BERT pools [CLS], a decoder reads its last token) whose config keeps
+the classes as id2label; an image model (models/vision.py) gets a new output layer. The head is new and
+trains in full under every method. When nothing but the head trains (method probe), the backbone's features
+are computed once, before training, and the head trains on them: no augmentation, no backbone passes.
 
 Single-label: cross-entropy, optionally class-weighted; multi-label: binary cross-entropy per class, a class
 predicted when its probability reaches `threshold`. The loss is the model's own head and pooling; one step
@@ -14,6 +18,7 @@ normalises by its examples. Held out: loss, accuracy, macro-F1 and the confusion
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,10 +30,10 @@ from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig, Section
 from unitune.data.files import DataError, Row
+from unitune.data.images import ImageProcessor
 from unitune.data.formats import _str
 from unitune.engine.precision import autocast
 
-KIND = "seq-cls"
 PACKS = False  # one example per row: the head reads one position (or [CLS]) per row
 
 
@@ -41,6 +46,15 @@ class Config(Section):
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     threshold: float = Field(0.5, gt=0, lt=1)  # multi-label: the probability at which a class is predicted
     _weights: list[float] | None = PrivateAttr(None)  # class_weights resolved against the label set
+    _head: str | None = PrivateAttr(None)  # the head that cached features feed (cache_features)
+
+
+def kind(recipe) -> str:
+    """An image classifier for an image model (or model.kind image-cls), else a sequence classifier."""
+    from unitune.models.vision import is_image_model
+
+    image = recipe.model.kind == "image-cls" or is_image_model(recipe.model.name)
+    return "image-cls" if image else "seq-cls"
 
 
 def default_lr(method) -> float:
@@ -57,6 +71,7 @@ class Labelled:
     where: str
     truncated: bool
     target: int | list[float] | None = None
+    features: torch.Tensor | None = None  # the head's input, where cache_features computed it
 
     @property
     def length(self) -> int:
@@ -65,7 +80,24 @@ class Labelled:
     n_loss = 1  # every example carries loss
 
 
-def example(row: Row, tok: PreTrainedTokenizerBase, data: DataConfig, roles: frozenset[str]) -> Labelled | None:
+@dataclass
+class Pictured:
+    image: torch.Tensor | Path  # uint8 pixels, or the file when they did not fit in memory
+    processor: ImageProcessor
+    label: Any
+    where: str
+    target: int | list[float] | None = None
+    features: torch.Tensor | None = None
+
+    length, n_loss, truncated = 1, 1, False
+
+
+def example(row: Row, tok: PreTrainedTokenizerBase | ImageProcessor, data: DataConfig,
+            roles: frozenset[str]) -> Labelled | Pictured | None:
+    if isinstance(tok, ImageProcessor):
+        if row.data.get("label") is None:
+            raise DataError(f"{row.where}: no 'label'; image classification rows need 'image' (a path) and 'label'")
+        return Pictured(tok.load(row, data.images), tok, row.data["label"], row.where)
     text = _str(row, "text")
     pair = _str(row, "text_pair", required=False) or None if "text_pair" in row.data else None
     if row.data.get("label") is None:
@@ -138,13 +170,20 @@ def _class_weights(train: list[Labelled], classes: list[str], cfg: Config) -> li
     return (len(train) / (len(classes) * counts.clamp(min=1))).tolist()
 
 
-def collate(examples: list[Labelled], rows: list[list[int]], pad_id: int, packed: bool,
-            max_length: int | None = None) -> dict:
+def collate(examples: list[Labelled | Pictured], rows: list[list[int]], pad_id: int, packed: bool,
+            max_length: int | None = None, train: bool = True) -> dict:
+    """Cached features, or images (augmented when `train`), or padded token ids, with their targets."""
     chosen = [examples[i] for row in rows for i in row]
+    batch = {"labels": torch.tensor([e.target for e in chosen]), "examples": len(chosen)}
+    if chosen[0].features is not None:
+        return batch | {"features": torch.stack([e.features for e in chosen])}
+    if isinstance(chosen[0], Pictured):
+        processor = chosen[0].processor
+        pixels = processor.pixels([e.image for e in chosen])
+        return batch | {"pixel_values": processor.train(pixels) if train else processor.eval(pixels)}
     ids = [torch.tensor(e.input_ids) for e in chosen]
-    batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
-             "attention_mask": pad_sequence([torch.ones_like(t) for t in ids], batch_first=True),
-             "labels": torch.tensor([e.target for e in chosen]), "examples": len(chosen)}
+    batch |= {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+              "attention_mask": pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)}
     if chosen[0].token_type_ids is not None:
         batch["token_type_ids"] = pad_sequence([torch.tensor(e.token_type_ids) for e in chosen], batch_first=True)
     return batch
@@ -154,7 +193,11 @@ def count(batch: dict) -> int:
     return batch["examples"]
 
 
-def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+def logits(model: nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
+    if "features" in batch:  # cached: the head alone
+        return model.get_submodule(cfg._head)(batch["features"]).float()
+    if "pixel_values" in batch:
+        return model(batch["pixel_values"]).float()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     return model(**inputs).logits.float()
 
@@ -173,7 +216,7 @@ def predict(out: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def loss(model: nn.Module, batch: dict, cfg: Config, ref=None) -> tuple[torch.Tensor, dict]:
-    out = logits(model, batch)
+    out = logits(model, batch, cfg)
     right = predict(out.detach(), cfg) == batch["labels"]
     return losses(out, batch["labels"], cfg).sum(), {
         "accuracy": (right.all(-1) if cfg.multi_label else right).float().sum(), "seen_examples": batch["examples"]}
@@ -209,10 +252,10 @@ def evaluate(model: nn.Module, tok: PreTrainedTokenizerBase, val: list[Labelled]
     order = sorted(range(len(val)), key=lambda i: val[i].length)  # similar lengths together: little padding
     total, preds, targets = 0.0, [], []
     for start in range(0, len(order), size):
-        batch = collate(val, [[i] for i in order[start : start + size]], tok.pad_token_id, False)
+        batch = collate(val, [[i] for i in order[start : start + size]], tok.pad_token_id, False, train=False)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, amp):
-            out = logits(model, batch)
+            out = logits(model, batch, cfg)
         total += float(losses(out, batch["labels"], cfg).sum())
         preds.append(predict(out, cfg).cpu())
         targets.append(batch["labels"].cpu())
@@ -222,7 +265,37 @@ def evaluate(model: nn.Module, tok: PreTrainedTokenizerBase, val: list[Labelled]
     if cfg.multi_label:
         metrics.update(multi_label_scores(pred, target))
     else:
-        k = model.config.num_labels
+        k = out.shape[-1]
         confusion = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
         metrics.update(scores(confusion), confusion=confusion.tolist())
     return {f"val_{name}": v for name, v in metrics.items()}
+
+
+@torch.no_grad()
+def cache_features(model: nn.Module, head: str, train: list, val: list, pad_id: int, recipe, device, amp) -> bool:
+    """When nothing but the head trains (a linear probe), every example's input to the head, computed once
+    with the evaluation transform; the loss then runs the head alone. False, doing nothing, otherwise."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or not all(n.startswith(head + ".") for n in trainable):
+        return False
+    cfg, size = recipe.objective, recipe.eval.batch_size
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(head).register_forward_pre_hook(lambda m, args: captured.append(args[0].float().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        for examples in (train, val):
+            order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+            for start in range(0, len(order), size):
+                chunk = order[start : start + size]
+                batch = collate(examples, [[i] for i in chunk], pad_id, False, train=False)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with autocast(device, amp):
+                    logits(model, batch, cfg)
+                for i, f in zip(chunk, captured.pop()):
+                    examples[i].features = f.clone()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    cfg._head = head
+    return True
