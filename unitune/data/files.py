@@ -66,7 +66,7 @@ def _read_image_folder(path: Path) -> list[Row]:
         images = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not images:
             raise DataError(f"{sub}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add some or remove it")
-        rows += [Row({"image": str(f), "label": sub.name}, str(f)) for f in images]
+        rows += [Row({"image": str(f.absolute()), "label": sub.name}, str(f)) for f in images]
     return rows
 
 
