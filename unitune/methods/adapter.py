@@ -5,7 +5,8 @@ Houlsby et al. (2019) put one after the attention output and one after the feed-
 feed-forward block; the parallel form (He et al., 2022) runs beside the feed-forward block on
 its input: mlp(x) + s·up(f(down(x))). The up projection starts at zero, so training starts at
 the base model. The places are found by name for Llama/Qwen/Gemma/Mistral, GPT-2, GPT-NeoX, OPT,
-BERT/MiniLM, DistilBERT and ModernBERT, or given as `attn_modules` / `mlp_modules`.
+BERT/MiniLM, DistilBERT and ModernBERT, or given as `attn_modules` / `mlp_modules`. In a convolutional
+network an adapter follows every block (methods/selective.py `blocks`), acting on each pixel's channels.
 
 PEFT has no bottleneck adapters, so the saved adapter is unitune's own (peft_type BOTTLENECK,
 same two files). A non-linear adapter cannot be folded into the base weights.
@@ -19,6 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from unitune.config import Section
+from unitune.methods import lora
+from unitune.methods.selective import blocks
 from unitune.methods.targets import matches, set_module
 
 PEFT_TYPE = "BOTTLENECK"
@@ -38,6 +41,7 @@ class Config(Section):
     scaling: float = 1.0  # multiplies the adapter's output (the parallel paper uses 4)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     attn_modules: str | list[str] | None = None  # where to place the attention adapters (houlsby); default: by name
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapters (a new task head)
     mlp_modules: str | list[str] | None = None  # feed-forward output projections, or blocks (parallel)
 
 
@@ -55,6 +59,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.dropout(h).to(self.down.weight.dtype)
+        if h.dim() == 4:  # a CNN's feature map [n, channels, height, width]: the same bottleneck on each pixel
+            return (self.up(self.act(self.down(x.movedim(1, -1)))) * self.scaling).movedim(-1, 1).to(h.dtype)
         return (self.up(self.act(self.down(x))) * self.scaling).to(h.dtype)
 
 
@@ -78,6 +84,8 @@ def _output_dim(module: nn.Module) -> int:
         return module.out_features
     if hasattr(module, "nf"):  # GPT-2's Conv1D
         return module.nf
+    if norms := [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]:  # a CNN block: its output channels
+        return norms[-1].num_features
     if hasattr(module, "weight"):
         return module.weight.shape[0]
     raise ValueError(f"cannot tell the output width of {type(module).__name__}")
@@ -86,6 +94,11 @@ def _output_dim(module: nn.Module) -> int:
 def _input_dim(block: nn.Module) -> int:
     first = next(m for m in block.modules() if isinstance(m, nn.Linear) or hasattr(m, "nf"))
     return first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
+
+
+def _is_cnn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules()) and not any(
+        matches(n, MLP_OUT) for n, _ in model.named_modules())
 
 
 def _find(model: nn.Module, pattern: str | list[str], what: str) -> list[str]:
@@ -98,9 +111,12 @@ def _find(model: nn.Module, pattern: str | list[str], what: str) -> list[str]:
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     model.requires_grad_(False)
+    lora.add_modules_to_save(model, cfg.modules_to_save)
     if cfg.variant == "parallel":
         where = {n: True for n in _find(model, cfg.mlp_modules or MLP, "feed-forward block (mlp/ffn) "
                                         "for a parallel adapter; BERT-style layers split theirs in two, use houlsby or pfeiffer")}
+    elif cfg.mlp_modules is None and _is_cnn(model):  # after every block (Conv-Adapter, Chen et al. 2022)
+        where = {n: False for n in blocks(model)}
     else:
         where = {n: False for n in _find(model, cfg.mlp_modules or MLP_OUT, "feed-forward output projection")}
         if cfg.variant == "houlsby":
@@ -117,7 +133,8 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.adapter.{k}": t for n, m in adapter_layers(model) for k, t in m.adapter.state_dict().items()}
+    return {f"{n}.adapter.{k}": t for n, m in adapter_layers(model) for k, t in m.adapter.state_dict().items()} \
+        | lora.saved_state(model)
 
 
 def peft_config(cfg: Config, model: nn.Module) -> dict:

@@ -431,17 +431,7 @@ def targets(model: nn.Module, cfg: Config) -> list[str]:
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
     """Add adapter `adapter` to every target layer (beside any adapters already there) and make it active."""
     model.requires_grad_(False)
-    for name in find_modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []:
-        module = model.get_submodule(name)
-        if any(getattr(m, "quantized", False) for m in module.modules()):
-            raise ValueError(f"modules_to_save names {name}, which is stored quantized: a module trained in full "
-                             "needs its full-precision weights, so load it unquantized")
-        if not isinstance(module, ModuleToSave):
-            module = ModuleToSave(module)
-            set_module(model, name, module)
-        elif adapter in module.modules_to_save:
-            raise ValueError(f"{name} already has a trained copy for adapter '{adapter}'")
-        module.add_adapter(adapter)
+    add_modules_to_save(model, cfg.modules_to_save, adapter)
     for name in targets(model, cfg):
         args = (pattern_value(cfg.rank_pattern, name, cfg.r), pattern_value(cfg.alpha_pattern, name, cfg.alpha),
                 cfg.dropout, cfg.rslora, cfg.dora, cfg.init)
@@ -454,6 +444,28 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> nn.Module:
             set_module(model, name, LAYERS.get(type(layer), LoRALinear)(layer, adapter, *args))
     set_adapter(model, adapter)
     return model
+
+
+def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str = "default") -> None:
+    """Give every module `names` picks a trained copy for `adapter` (PEFT's modules_to_save), trainable."""
+    for name in find_modules_to_save(model, names) if names else []:
+        module = model.get_submodule(name)
+        if any(getattr(m, "quantized", False) for m in module.modules()):
+            raise ValueError(f"modules_to_save names {name}, which is stored quantized: a module trained in full "
+                             "needs its full-precision weights, so load it unquantized")
+        if not isinstance(module, ModuleToSave):
+            module = ModuleToSave(module)
+            set_module(model, name, module)
+        elif adapter in module.modules_to_save:
+            raise ValueError(f"{name} already has a trained copy for adapter '{adapter}'")
+        module.add_adapter(adapter)
+        module.modules_to_save[adapter].requires_grad_(True)
+
+
+def saved_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The trained copies of modules_to_save, under the modules' own names (`score.weight`), as PEFT saves them."""
+    return {f"{name}.{k}": t for name, m in saved_modules(model) if adapter in m.modules_to_save
+            for k, t in m.modules_to_save[adapter].state_dict(keep_vars=True).items()}
 
 
 def set_adapter(model: nn.Module, adapter: str) -> None:
@@ -517,9 +529,7 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
     A module trained in full is saved under its own name (`score.weight`), as PEFT saves it."""
     state = {f"{name}.{k}": t for name, layer in lora_layers(model) if adapter in layer.scaling
              for k, t in layer.state(adapter).items()}
-    state.update({f"{name}.{k}": t for name, m in saved_modules(model) if adapter in m.modules_to_save
-                  for k, t in m.modules_to_save[adapter].state_dict(keep_vars=True).items()})
-    return state
+    return state | saved_state(model, adapter)
 
 
 def target_modules(model: nn.Module, adapter: str) -> str | list[str]:

@@ -18,10 +18,10 @@ class Config(Section):
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    prefix, stack = blocks(model)
+    stack = blocks(model)
     if cfg.last_n_blocks > len(stack):
         raise ValueError(f"method.last_n_blocks={cfg.last_n_blocks} but the model has {len(stack)} blocks")
-    chosen = {f"{prefix}.{i}" for i in range(len(stack) - cfg.last_n_blocks, len(stack))}
+    chosen = set(stack[len(stack) - cfg.last_n_blocks:])
     chosen |= {n for n, _ in model.named_modules() if n and cfg.modules and matches(n, cfg.modules)}
 
     def pick(name: str, p) -> bool:
