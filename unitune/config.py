@@ -299,7 +299,7 @@ def default_lr(recipe: Recipe) -> float:
     from unitune.objectives import OBJECTIVES
 
     rule = getattr(OBJECTIVES[recipe.objective.name], "default_lr", None)
-    return rule(recipe.method) if rule else 2e-4
+    return rule(recipe) if rule else 2e-4
 
 
 def model_kind(recipe: Recipe) -> str:

@@ -26,11 +26,11 @@ An objective module exports:
   its buffer in the checkpoint), and `evaluate(model, tok, val, recipe, device, amp) -> metrics`.
 - optionally `TRAINED_BESIDE`: names of modules the source adds to the model, trained and checkpointed
   with it but not part of the output (PPO's value head): saved as `<name>.safetensors` in the run.
-- optionally `KIND`: the model kind it trains (models/kinds.py; default causal-lm). A sequence classifier
+- optionally `KIND`, or `kind(recipe)`: the model kind it trains (default causal-lm; classify: seq-cls or image-cls). A sequence classifier
   gets a new head, which trains in full under every method; its outputs are `NUM_LABELS` (a reward
   model: 1), or the classes `labels(train, val, cfg)` finds in the training data (classify), called after the
   data is read and before the model is loaded;
-- optionally `default_lr(method_cfg) -> float`: train.lr when the recipe sets none (else 2e-4).
+- optionally `default_lr(recipe) -> float`: train.lr when the recipe sets none (else 2e-4).
 
 Adding an objective is one module and one line in OBJECTIVES.
 """

@@ -57,10 +57,13 @@ def kind(recipe) -> str:
     return "image-cls" if image else "seq-cls"
 
 
-def default_lr(method) -> float:
+def default_lr(recipe) -> float:
     """A new head over a frozen or adapted encoder needs a high rate (the HF Trainer reaches 0.711 on the
-    tweets with LoRA at 2e-3 but only 0.582 at 5e-4); full fine-tuning the usual encoder rate."""
-    return 5e-5 if method.name == "full" else 2e-3
+    tweets with LoRA at 2e-3 but only 0.582 at 5e-4); full fine-tuning the usual encoder rate (5e-5), or
+    AdamW's usual CNN rate (1e-3) for an image model."""
+    if recipe.method.name != "full":
+        return 2e-3
+    return 1e-3 if kind(recipe) == "image-cls" else 5e-5
 
 
 @dataclass
