@@ -33,7 +33,7 @@ from unitune.engine.precompute import precompute_for_run
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_confusion, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
-from unitune.models import LoadedModel, load_model, vision
+from unitune.models import LoadedModel, image_kind, load_model, saved_kind, vision
 from unitune.models.loader import load_tokenizer, model_path
 from unitune.objectives import OBJECTIVES
 from unitune.objectives.reward import rewards
@@ -107,9 +107,9 @@ def load_with_data(recipe: Recipe, device, quantize=None) -> tuple[LoadedModel, 
     has one output per class the training data holds), and those classes (None for other objectives)."""
     seed_everything(recipe.train.seed)
     objective = objective_of(recipe)
-    image = recipe.model.kind == "image-cls"
+    image = image_kind(recipe.model.kind)
     # what turns rows into inputs, known before the model is built (its head depends on the data's classes)
-    processor = vision.processor(recipe.model, recipe.data) if image else \
+    processor = image.processor(recipe.model, recipe.data) if image else \
         load_tokenizer(model_path(recipe.model), recipe.model)
     data = build_data(recipe.data, processor, recipe.train.seed, objective.example)
     labels = objective.labels(data.train, data.val, recipe.objective) if hasattr(objective, "labels") else None
@@ -120,8 +120,8 @@ def load_with_data(recipe: Recipe, device, quantize=None) -> tuple[LoadedModel, 
     if image:
         if quantize:
             raise RecipeError(f"method.name={recipe.method.name} quantizes a language model's linear layers; an image "
-                              "classifier trains with lora, adapter, bitfit, partial, probe or full")
-        return vision.load(recipe.model, processor, labels, multi_label, device, recipe.train.seed), data, labels
+                              "model trains with lora, adapter, bitfit, partial, probe or full")
+        return image.load(recipe.model, processor, labels, device, recipe.train.seed, multi_label), data, labels
     loaded = load_model(recipe.model, device, quantize, _num_labels(recipe), labels, multi_label, processor)
     return loaded, data, labels
 
@@ -158,7 +158,7 @@ def prepare(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, DataBund
     loaded.model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     for name in head if not adapter else []:
         loaded.model.get_submodule(name).requires_grad_(True)
-    if recipe.model.kind == "image-cls" and (frozen := vision.freeze_batch_norms(loaded.model)):
+    if image_kind(recipe.model.kind) and (frozen := vision.freeze_batch_norms(loaded.model)):
         print(f"unitune: {frozen} batch norms with frozen parameters normalise with the loaded model's statistics", flush=True)
     return loaded, data
 
@@ -308,6 +308,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         plot_loss(run.history, run_dir / "loss.png")
         if "val_confusion" in run.metrics:  # a classifier's
             plot_confusion(run.metrics["val_confusion"], labels_of(loaded), run_dir / "confusion.png")
+        if hasattr(objective, "figures") and data.val:  # a detector's predictions, drawn
+            objective.figures(loaded, data.val, recipe, run_dir, device, amp)
         table = before_after_table(run.before, run.metrics, ("before", "after"))
         notes = [f"early stopping kept the weights of step {history.best['step']}, its best evaluation "
                  f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
@@ -330,22 +332,22 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
     path = Path(target)
     if (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")
-        if vision.saved_info(path / "model"):
-            return vision.load_saved(path / "model", device)
+        if kind := saved_kind(path / "model"):
+            return kind.load_saved(path / "model", device)
         if (path / "model").is_dir():  # a saved classifier's config holds its classes
             saved = recipe.model.model_copy(update={"name": str(path / "model"), "gguf_file": None, "random_init": False})
             return load_model(saved, device, num_labels=_num_labels(recipe))
         if not (path / "adapter").is_dir():
             raise FileNotFoundError(f"{path} holds no adapter/ or model/: did its training finish?")
         adapter = path / "adapter"
-        loaded = vision.load_adapter_base(adapter, device) if vision.saved_info(adapter) else \
-            load_model(recipe.model, device, **_head(adapter))
+        kind = saved_kind(adapter)
+        loaded = kind.load_adapter_base(adapter, device) if kind else load_model(recipe.model, device, **_head(adapter))
         loaded.model = io.load_adapter(loaded.model, adapter)
         return loaded
     if (path / "adapter_config.json").is_file():
         base = io.adapter_base(path)  # unitune.json first: PEFT's field names a hub id for built-ins
-        loaded = vision.load_adapter_base(path, device) if vision.saved_info(path) else \
-            load_model(ModelConfig(name=base), device, **_head(path))
+        kind = saved_kind(path)
+        loaded = kind.load_adapter_base(path, device) if kind else load_model(ModelConfig(name=base), device, **_head(path))
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
     return load_model(ModelConfig(name=str(target)), device)

@@ -29,17 +29,19 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    # built-in name, HF model directory, .gguf file, or an image classifier's architecture (resnet18,
-    # mobilenet_v2, efficientnet_b0, ... from torchvision; timm/<name> with timm installed)
+    # built-in name, HF model directory, .gguf file, an image classifier's architecture (resnet18,
+    # mobilenet_v2, efficientnet_b0, ... from torchvision; timm/<name> with timm installed), or a detector's
+    # (fasterrcnn_mobilenet_v2_fpn, fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, fcos_resnet50_fpn, ...)
     name: str = "smollm2-135m-instruct"
     gguf_file: str | None = None  # file name inside `name` when `name` is a directory of GGUFs
     random_init: bool = False  # build from the config only, with random weights (tests)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights in memory
     trust_remote_code: bool = False
     chat_template: str | None = None  # a Jinja template or a file path; default: the tokenizer's
-    # what the model is: a causal LM, a sequence classifier (a new head over the same backbone), or an image
-    # classifier; auto: the kind the objective trains (reward: seq-cls; classify: image-cls for an image model)
-    kind: Literal["auto", "causal-lm", "seq-cls", "image-cls"] = "auto"
+    # what the model is: a causal LM, a sequence classifier (a new head over the same backbone), an image
+    # classifier or a detector; auto: the kind the objective trains (reward: seq-cls; classify: image-cls for
+    # an image model; detect: detection)
+    kind: Literal["auto", "causal-lm", "seq-cls", "image-cls", "detection"] = "auto"
     # an image model's pretrained weights: a .pth / .safetensors file (torchvision's or timm's names), or
     # `imagenet` where a package ships them (mobilenet_v2); `none`: random initialisation (from scratch)
     weights: str = "imagenet"

@@ -1,5 +1,5 @@
-"""Read rows from local files: JSONL, JSON, CSV/TSV, Parquet, a `datasets` save_to_disk directory, or an
-image folder (one subfolder of images per class: rows of `image` path and `label`).
+"""Read rows from local files: JSONL, JSON, CSV/TSV, Parquet, a `datasets` save_to_disk directory, an image
+folder (one subfolder of images per class: rows of `image` path and `label`), or COCO annotations (data/coco.py).
 
 Every row keeps where it came from (file and line) so a bad one can be named precisely. Text files
 must be UTF-8, with or without a byte-order mark; JSON is read strictly (no duplicate keys, no NaN),
@@ -170,6 +170,10 @@ def _read_json(path: Path) -> list[Row]:
         if start == "{" and isinstance(err.__cause__, json.JSONDecodeError) and err.__cause__.msg == "Extra data":
             return _json_lines(text, path)
         raise
+    from unitune.data import coco
+
+    if coco.is_coco(doc):  # detection annotations: one row per image
+        return coco.rows(doc, path)
     if isinstance(doc, dict):  # {"data": [...]} or a single split
         lists = [k for k, v in doc.items() if isinstance(v, list)]
         if len(lists) > 1:

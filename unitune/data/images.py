@@ -36,8 +36,9 @@ def image_path(row: Row, images: str | None) -> Path:
     return path
 
 
-def decode(path: Path, size: int, where: str) -> torch.Tensor:
-    """The image as uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped."""
+def decode(path: Path, size: int, where: str, crop: bool = True) -> torch.Tensor:
+    """The image as uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped (`crop`: else
+    the whole image, [3, h, w] with min(h, w) = size, as a detector sees it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -47,12 +48,31 @@ def decode(path: Path, size: int, where: str) -> torch.Tensor:
         raise DataError(f"{where}: image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"{where}: cannot read image {path} ({err}); replace the file or drop the row") from None
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+    img = img.resize(resized(*img.size, size), Image.Resampling.BILINEAR)
+    if not crop:
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
     left, top = (img.width - size) // 2, (img.height - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def resized(w: int, h: int, size: int) -> tuple[int, int]:
+    """The (width, height) an image of w x h is resized to: its shorter side at `size`."""
+    scale = size / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def file_size(path: Path, where: str) -> tuple[int, int]:
+    """(width, height) from the file's header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{where}: cannot read image {path} ({err}); replace the file or drop the row") from None
 
 
 @dataclass
@@ -66,6 +86,7 @@ class ImageProcessor:
     std: tuple[float, ...] = IMAGENET_STD
     augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop: bool = True  # centre-crop to a square; False for detection: whole images, boxes scaled with them
     cached_bytes: int = field(default=0, repr=False, compare=False)
 
     pad_token_id = 0
@@ -74,14 +95,17 @@ class ImageProcessor:
     def load(self, row: Row, images: str | None) -> torch.Tensor | Path:
         """The row's image decoded (an error names the row), kept as pixels while the cache has room."""
         path = image_path(row, images)
-        pixels = decode(path, self.size, row.where)
+        pixels = decode(path, self.size, row.where, self.crop)
         if self.cached_bytes + pixels.numel() > CACHE_BYTES:
             return path
         self.cached_bytes += pixels.numel()
         return pixels
 
     def pixels(self, images: list[torch.Tensor | Path]) -> torch.Tensor:
-        return torch.stack([im if torch.is_tensor(im) else decode(im, self.size, str(im)) for im in images])
+        return torch.stack([self.decoded(im) for im in images])
+
+    def decoded(self, image: torch.Tensor | Path) -> torch.Tensor:
+        return image if torch.is_tensor(image) else decode(image, self.size, str(image), self.crop)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1) * 255

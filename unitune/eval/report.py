@@ -69,10 +69,40 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], out: Path) -> 
     return out
 
 
+def plot_detections(images: list, predicted: list[list[tuple]], truth: list[list[tuple]], out: Path) -> Path:
+    """Held-out images with their predicted boxes ((x1, y1, x2, y2), name, score) in colour and the true ones
+    ((x1, y1, x2, y2), name) dashed in white."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    cols = min(3, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, preds, boxes in zip(axes.flat, images, predicted, truth):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        for (x1, y1, x2, y2), _ in boxes:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", ls="--", lw=1))
+        for (x1, y1, x2, y2), name, score in preds:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="yellow", lw=1.5))
+            ax.text(x1, y1, f"{name} {score:.2f}", color="black", fontsize=7, va="bottom",
+                    bbox={"facecolor": "yellow", "pad": 1, "lw": 0})
+    fig.tight_layout()
+    with atomic.temp_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def write_report(run_dir: Path, table: str, samples: list[dict], stats: dict, params: dict,
                  notes: list[str] = ()) -> Path:
     lines = [f"# {run_dir.name}", "", "## Before and after", "", table, "", *notes, ""]
-    for name, what in (("loss.png", "loss curve"), ("confusion.png", "held-out confusion matrix")):
+    for name, what in (("loss.png", "loss curve"), ("confusion.png", "held-out confusion matrix"),
+                       ("predictions.png", "held-out predictions (yellow) and true boxes (dashed)")):
         if (run_dir / name).is_file():
             lines += [f"![{what}]({name})", ""]
     lines += ["## Model", "", f"trainable parameters: {params['trainable']:,} of {params['total']:,} "

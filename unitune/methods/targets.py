@@ -62,7 +62,9 @@ def default_targets(model: nn.Module) -> list[str]:
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
         if not convs:
             raise
-        skip = output_layer_names(model)
+        # nn.MultiheadAttention reads its out_proj's weight directly, never calling it: not a layer to wrap
+        skip = output_layer_names(model) | {f"{n}.out_proj" for n, m in model.named_modules()
+                                            if isinstance(m, nn.MultiheadAttention)}
         return convs + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
 
 

@@ -30,6 +30,7 @@ PACKAGED: dict[str, Builtin] = {
                             "weights/mobilenet_v2-b0353104.pth", hub_id="torchvision/mobilenet_v2"),
 }
 SAVED = "unitune.json"
+AUXILIARY = ("aux1.", "aux2.", "AuxLogits.")  # GoogLeNet's and Inception's auxiliary classifiers, not built
 
 
 @functools.cache
@@ -41,12 +42,16 @@ def torchvision_names() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-def saved_info(path: str | Path) -> dict | None:
-    """unitune.json of a saved image classifier (a run's model/ folder), else None."""
+def saved_info(path: str | Path, kind: str = "image-cls") -> dict | None:
+    """unitune.json of a saved image classifier or detector (a run's model/ or adapter/ folder), else None."""
     file = Path(path).expanduser() / SAVED
-    if file.is_file() and (info := json.loads(file.read_text())).get("kind") == "image-cls":
+    if file.is_file() and (info := json.loads(file.read_text())).get("kind") == kind:
         return info
     return None
+
+
+def preprocessor(path: Path) -> dict:
+    return json.loads((Path(path).expanduser() / "preprocessor.json").read_text())
 
 
 def is_image_model(name: str) -> bool:
@@ -65,7 +70,9 @@ def build(architecture: str) -> nn.Module:
         return timm.create_model(architecture.removeprefix(TIMM), pretrained=False)
     import torchvision
 
-    return torchvision.models.get_model(architecture.lower(), weights=None)
+    # GoogLeNet and Inception-v3 train with auxiliary classifiers of their own: left out (their loss is not ours)
+    aux = {"aux_logits": False, "init_weights": True} if architecture in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(architecture.lower(), weights=None, **aux)
 
 
 def head_name(model: nn.Module) -> str:
@@ -79,7 +86,7 @@ def head_name(model: nn.Module) -> str:
     return linear[-1]
 
 
-def _weights_file(cfg: ModelConfig, architecture: str) -> Path | None:
+def weights_file(cfg: ModelConfig, architecture: str) -> Path | None:
     if cfg.random_init or cfg.weights == "none":
         return None
     if cfg.weights == "imagenet":
@@ -122,13 +129,13 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], head: str,
     own = model.state_dict()
     drop = {k for k in state if k.startswith(head + ".") and k in own and state[k].shape != own[k].shape}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own and not k.startswith(AUXILIARY)]
     wrong = [k for k in state if k in own and k not in drop and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{where} does not fit {type(model).__name__}: {len(missing)} tensors missing (e.g. "
                          f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of "
                          f"another shape (e.g. {wrong[:2]}); is it this architecture's file?")
-    model.load_state_dict({k: v for k, v in state.items() if k not in drop}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k not in drop and k in own}, strict=False)
 
 
 def new_head(model: nn.Module, head: str, classes: int) -> None:
@@ -147,7 +154,7 @@ def processor(cfg: ModelConfig, data: DataConfig) -> ImageProcessor:
     augmentation where it sets them."""
     extra, native = {}, 224
     if saved_info(cfg.name) is not None:
-        saved = json.loads((Path(cfg.name).expanduser() / "preprocessor.json").read_text())
+        saved = preprocessor(Path(cfg.name))
         extra, native = {k: tuple(saved[k]) for k in ("mean", "std")}, saved["size"]
     elif cfg.name.startswith(TIMM) and importlib.util.find_spec("timm") is not None:
         import timm
@@ -159,8 +166,8 @@ def processor(cfg: ModelConfig, data: DataConfig) -> ImageProcessor:
                           **extra)
 
 
-def load(cfg: ModelConfig, processor: ImageProcessor, labels: list[str], multi_label: bool = False,
-         device: torch.device | str = "cpu", seed: int = 0):
+def load(cfg: ModelConfig, processor: ImageProcessor, labels: list[str], device: torch.device | str = "cpu",
+         seed: int = 0, multi_label: bool = False):
     """The recipe's image classifier with a new head for `labels` (a saved classifier keeps its own head
     where its classes are the same) and what rebuilds it (`info`, saved as unitune.json). Random weights
     (and the new head) are drawn from `seed`, so an adapter over them finds the same base again."""
@@ -175,7 +182,7 @@ def load(cfg: ModelConfig, processor: ImageProcessor, labels: list[str], multi_l
             loaded.info = saved | {"labels": list(labels)}
         return loaded
     architecture = cfg.name if cfg.name.startswith(TIMM) else cfg.name.lower()
-    file = _weights_file(cfg, architecture)
+    file = weights_file(cfg, architecture)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build(architecture)
@@ -200,10 +207,10 @@ def save(loaded, out: Path) -> None:
 def load_adapter_base(adapter: Path, device: torch.device | str = "cpu"):
     """The base an image adapter was trained on, as its unitune.json records it, with its new head."""
     info = json.loads((adapter / SAVED).read_text())
-    processor = ImageProcessor(**json.loads((adapter / "preprocessor.json").read_text()))
+    processor = ImageProcessor(**preprocessor(adapter))
     cfg = ModelConfig(name=info["architecture"], weights=info["weights"], kind="image-cls")
-    return load(cfg, processor, info["labels"], info["problem_type"] == "multi_label_classification", device,
-                info["seed"])
+    return load(cfg, processor, info["labels"], device, info["seed"],
+                info["problem_type"] == "multi_label_classification")
 
 
 def load_saved(path: Path, device: torch.device | str = "cpu"):
@@ -214,20 +221,21 @@ def load_saved(path: Path, device: torch.device | str = "cpu"):
     model = build(info["architecture"])
     new_head(model, info["head"], len(info["labels"]))
     load_pretrained(model, read_state(path / "model.safetensors"), info["head"], path)
-    processor = ImageProcessor(**json.loads((path / "preprocessor.json").read_text()))
+    processor = ImageProcessor(**preprocessor(path))
     model = model.to(device, memory_format=torch.channels_last)
     return LoadedModel(model, processor, str(path), head=[info["head"]], info=info)
 
 
-def freeze_batch_norms(model: nn.Module) -> int:
-    """Batch norms whose parameters do not train become FrozenBatchNorm2d: they normalise with the pretrained
-    statistics in training too. A BatchNorm2d in train mode would update its running statistics, which no
-    adapter saves (PEFT's LoRA on a CNN loses them on reload) and which drift under a frozen backbone."""
+def freeze_batch_norms(model: nn.Module, everywhere: bool = False) -> int:
+    """Batch norms whose parameters do not train (`everywhere`: all) become FrozenBatchNorm2d: they normalise
+    with the pretrained statistics in training too. A BatchNorm2d in train mode would update its running
+    statistics, which no adapter saves (PEFT's LoRA on a CNN loses them on reload) and which drift under a
+    frozen backbone. A frozen norm's scale and shift are buffers: they do not train."""
     from torchvision.ops import FrozenBatchNorm2d
 
     swapped = 0
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, nn.BatchNorm2d) and (everywhere or not any(p.requires_grad for p in m.parameters())):
             frozen = FrozenBatchNorm2d(m.num_features, eps=m.eps).to(m.running_mean.device)
             with torch.no_grad():  # a norm without affine parameters keeps FrozenBatchNorm2d's ones and zeros
                 for key in ("weight", "bias", "running_mean", "running_var"):

@@ -30,6 +30,8 @@ An objective module exports:
   gets a new head, which trains in full under every method; its outputs are `NUM_LABELS` (a reward
   model: 1), or the classes `labels(train, val, cfg)` finds in the training data (classify), called after the
   data is read and before the model is loaded;
+- optionally `figures(loaded, val, recipe, run_dir, device, amp)`: the figures it adds to the report
+  (a detector's predictions drawn on held-out images);
 - optionally `default_lr(recipe) -> float`: train.lr when the recipe sets none (else 2e-4).
 
 Adding an objective is one module and one line in OBJECTIVES.
@@ -38,10 +40,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from unitune.objectives import classify, dpo, grpo, kto, orpo, ppo, reward, simpo, sft
+from unitune.objectives import classify, detect, dpo, grpo, kto, orpo, ppo, reward, simpo, sft
 
 OBJECTIVES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "simpo": simpo, "orpo": orpo, "kto": kto,
-                                     "reward": reward, "grpo": grpo, "ppo": ppo, "classify": classify}
+                                     "reward": reward, "grpo": grpo, "ppo": ppo, "classify": classify,
+                                     "detect": detect}
 
 
 def objective_config(data: dict):
