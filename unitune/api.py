@@ -10,6 +10,7 @@ import copy
 import json
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     a change that would alter its trajectory (recipe or data) is refused unless `force`."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
-    amp = resolve_precision(recipe.train.precision, device)
+    amp = resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
     if device.type == "cpu" and recipe.train.lean_cpu_memory:
         tune_cpu_allocator()
     run_dir = choose_run_dir(recipe, resume)
@@ -268,10 +269,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     objective = objective_of(recipe)
+    started = time.perf_counter()
     if hasattr(objective, "cache_features") and loaded.head and objective.cache_features(
             loaded.model, loaded.head[0], data.train, data.val, loaded.tokenizer.pad_token_id, recipe, device, amp):
+        run.stats["feature_cache_s"] = round(time.perf_counter() - started, 2)
         print(f"unitune: only the head trains: its inputs computed once for {len(data.train) + len(data.val)} examples "
-              "(no augmentation, no backbone passes in training)", flush=True)
+              f"in {run.stats['feature_cache_s']} s (no augmentation, no backbone passes in training)", flush=True)
     batches = None if hasattr(objective, "source") else \
         _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     ref = None
@@ -438,7 +441,7 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     """Validation metrics of the base model and, given a run directory, of the tuned model, side by side."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
-    amp = resolve_precision(recipe.train.precision, device)
+    amp = resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
     loaded, data, _ = load_with_data(recipe, device)
     val = data.val or data.train
     # The reference of a preference objective is the base model, for the base and the tuned alike.
