@@ -75,6 +75,17 @@ def run_unitune(bench: Path, workload: str, workers: int) -> dict:
     return {"images_per_s": seen / loop_s, "accuracy": run.metrics["val_accuracy"]}
 
 
+def step(loss, optimizer, scheduler, params) -> None:
+    """One optimizer step of the plain loops, clipped at norm 1 as unitune clips."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
 def run_torch_detect(workers: int) -> dict:
     """torchvision's detection tutorial: a COCO Dataset of PIL images and target dicts, v2 transforms that
     flip boxes with their image, a DataLoader collating lists, the model's own losses summed."""
@@ -128,12 +139,7 @@ def run_torch_detect(workers: int) -> dict:
     model.train()
     for _ in range(epochs):
         for images, targets in train_loader:
-            loss = sum(model(list(images), list(targets)).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            step(sum(model(list(images), list(targets)).values()), optimizer, scheduler, params)
             seen += len(images)
     elapsed = time.perf_counter() - start
     model.eval()
@@ -191,12 +197,7 @@ def run_torch(bench: Path, workload: str, workers: int) -> dict:
         else:
             model.train()
         for x, y in train_loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(decay, 1.0)
-            optimizer.step()
-            scheduler.step()
+            step(nn.functional.cross_entropy(model(x), y), optimizer, scheduler, decay)
             seen += len(y)
     elapsed = time.perf_counter() - start
     model.eval()

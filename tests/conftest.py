@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import unitune.api
 from unitune.models.loader import CHATML_TEMPLATE
 from unitune.tasks import orders
 
@@ -104,3 +105,17 @@ def train_crashing_at(monkeypatch):
             monkeypatch.setattr(checkpoint, "save", real_save)
 
     return crashing
+
+
+@pytest.fixture
+def kept(monkeypatch) -> dict:
+    """The trained model as it is in memory when the run saves it: kept["loaded"]."""
+    found: dict = {}
+    real = unitune.api.save_output
+
+    def save_output(run, loaded):
+        found["loaded"] = loaded
+        return real(run, loaded)
+
+    monkeypatch.setattr(unitune.api, "save_output", save_output)
+    return found

@@ -80,20 +80,6 @@ def recipe(data: Path, tmp_path: Path, method: dict | None = None, model: dict |
             "eval": {"batch_size": 32}, "output": {"dir": str(tmp_path / "runs"), "name": "img"}}
 
 
-@pytest.fixture
-def kept(monkeypatch) -> dict:
-    """The trained model as it is in memory when the run saves it: kept["loaded"]."""
-    found: dict = {}
-    real = unitune.api.save_output
-
-    def save_output(run, loaded):
-        found["loaded"] = loaded
-        return real(run, loaded)
-
-    monkeypatch.setattr(unitune.api, "save_output", save_output)
-    return found
-
-
 def val_batch(colours: Path, processor: ImageProcessor) -> tuple[torch.Tensor, list[int]]:
     files = sorted((colours / "val").rglob("*.png"))[::3]
     pixels = torch.stack([decode(f, processor.size, str(f)) for f in files])

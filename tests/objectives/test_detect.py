@@ -62,20 +62,6 @@ def recipe(data: Path, tmp_path: Path, method: dict | None = None, validation: b
     return r
 
 
-@pytest.fixture
-def kept(monkeypatch) -> dict:
-    """The trained model as it is in memory when the run saves it: kept["loaded"]."""
-    found: dict = {}
-    real = unitune.api.save_output
-
-    def save_output(run, loaded):
-        found["loaded"] = loaded
-        return real(run, loaded)
-
-    monkeypatch.setattr(unitune.api, "save_output", save_output)
-    return found
-
-
 def val_images(data: Path, size: int = SIZE, n: int = 4) -> list[torch.Tensor]:
     """Held-out images as the objective hands them to the detector: floats in [0, 1], whole, shorter side at size."""
     return [decode(p, size, str(p), crop=False).float() / 255 for p in sorted((data / "images" / "val").glob("*.png"))[:n]]

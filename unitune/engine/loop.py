@@ -210,7 +210,8 @@ def train_loop(
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
-                        **{f"{unit}_s": f"{v / train_time:.0f}" for unit, v in seen.items()})
+                        **{f"{unit}_s": f"{v / train_time:.{0 if v >= 10 * train_time else 2}f}"
+                           for unit, v in seen.items()})  # a detector's few images/s keep their decimals
         bar.update(1)
 
         stop = False
