@@ -56,7 +56,8 @@ def run_unitune(bench: Path, method: str) -> dict:
         "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS} if method == "lora"
         else {"name": "full"},
         "objective": {"name": "classify"},
-        "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR[method], "warmup_ratio": 0.0, "schedule": "linear"},
+        "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR[method], "warmup_ratio": 0.0, "schedule": "linear",
+                  "precision": "fp32"},  # as the Trainer runs (bf16=False), whatever this CPU supports
         "eval": {"before": False, "batch_size": 64},
         "output": {"dir": str(bench), "name": f"unitune-{method}", "overwrite": True},
     }

@@ -54,7 +54,7 @@ def run_unitune(data: Path, steps: int, pre: bool) -> dict:
         "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS},
         "objective": {"name": "dpo", "beta": BETA, "precompute_ref": pre},
         "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 0, "schedule": "constant",
-                  "precision": "auto"},
+                  "precision": "fp32"},  # as the peer runs (bf16=False), whatever this CPU supports
         "eval": {"before": False, "generate": 0, "batch_size": BATCH},
         "output": {"dir": str(data.parent), "name": "unitune", "overwrite": True},
     }

@@ -43,7 +43,8 @@ def run_unitune(data: Path, steps: int) -> dict:
         "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS},
         "objective": {"name": "grpo", "rewards": [{"function": "unitune.tasks.orders:field_reward"}],
                       "num_generations": GROUP, "max_new_tokens": NEW, "temperature": 1.0, "loss_type": "dapo"},
-        "train": {"steps": steps, "batch_size": GROUP * PROMPTS, "lr": LR, "warmup_steps": 0, "schedule": "constant"},
+        "train": {"steps": steps, "batch_size": GROUP * PROMPTS, "lr": LR, "warmup_steps": 0, "schedule": "constant",
+                  "precision": "fp32"},  # as the peer runs (bf16=False), whatever this CPU supports
         "eval": {"before": False},
         "output": {"dir": str(data.parent.parent), "name": "unitune", "overwrite": True},
     }

@@ -48,7 +48,7 @@ def run_unitune(steps: int, lean: bool = False) -> dict:
         "data": {"train": str(data), "format": "instruction", "max_length": SEQ, "packing": True},
         "method": {"name": "lora", "r": R, "alpha": ALPHA, "target_modules": TARGETS},
         "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 0, "schedule": "constant",
-                  "precision": "auto", "lean_cpu_memory": lean},
+                  "precision": "fp32", "lean_cpu_memory": lean},  # as the peer runs (bf16=False)
         "eval": {"before": False, "generate": 0},
         "output": {"dir": os.environ["BENCH_DIR"], "name": "unitune", "overwrite": True},
     }

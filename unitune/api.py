@@ -218,7 +218,7 @@ def save_output(run: Run, loaded: LoadedModel) -> None:
     with atomic.directory(run.output) as tmp:  # the previous output stays whole until the new one is
         if io.is_adapter(run.recipe.method):
             io.save_adapter(loaded.model, tmp, run.recipe.method, loaded.source, loaded.info)
-        elif loaded.info:  # an image classifier
+        elif loaded.info:  # an image classifier or a detector
             vision.save(loaded, tmp)
         else:
             loaded.model.save_pretrained(tmp)
@@ -265,8 +265,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         model, kwargs = loaded.model, {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed the switch
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
+        elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise RecipeError(f"train.gradient_checkpointing is for transformers models; {type(model).__name__} "
+                              "(a torchvision or timm model) trains without it: set it to false")
 
     objective = objective_of(recipe)
     started = time.perf_counter()

@@ -55,7 +55,10 @@ def preprocessor(path: Path) -> dict:
 
 
 def is_image_model(name: str) -> bool:
-    return name.lower() in torchvision_names() or name.startswith(TIMM) or saved_info(name) is not None
+    """A saved image classifier, or an architecture's name (a local folder or file of that name is not one)."""
+    if saved_info(name) is not None:
+        return True
+    return not Path(name).expanduser().exists() and (name.lower() in torchvision_names() or name.startswith(TIMM))
 
 
 def build(architecture: str) -> nn.Module:
