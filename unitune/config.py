@@ -111,6 +111,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
     temperature: float = Field(0.0, ge=0)  # 0: greedy
+    # retention sets (what the model could do before): data files of answered rows, or `general`; each is
+    # measured at every evaluation (loss and contains / exact match of its answers) to show forgetting
+    retention: list[str] = []
 
 
 class OutputConfig(Section):
