@@ -95,6 +95,11 @@ def count_params(model: torch.nn.Module) -> dict:
     return {"trainable": trainable, "total": total}
 
 
+def precision(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype; `auto` keeps image models in fp32 on a CPU (bf16 autocast slows convolutions)."""
+    return resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
+
+
 def objective_of(recipe: Recipe):
     return OBJECTIVES[recipe.objective.name]
 
@@ -241,7 +246,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     a change that would alter its trajectory (recipe or data) is refused unless `force`."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
-    amp = resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
+    amp = precision(recipe, device)
     if device.type == "cpu" and recipe.train.lean_cpu_memory:
         tune_cpu_allocator()
     run_dir = choose_run_dir(recipe, resume)
@@ -456,7 +461,7 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     """Validation metrics of the base model and, given a run directory, of the tuned model, side by side."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
-    amp = resolve_precision(recipe.train.precision, device, cpu_bf16=not image_kind(recipe.model.kind))
+    amp = precision(recipe, device)
     loaded, data, _ = load_with_data(recipe, device)
     retained = retention.load_sets(recipe, loaded.tokenizer)
     val = data.val or data.train

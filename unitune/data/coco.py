@@ -10,6 +10,7 @@ id; crowd annotations (iscrowd=1) are left out, as torchvision's COCO recipes le
 """
 from __future__ import annotations
 
+from collections import Counter
 from numbers import Real
 from pathlib import Path
 
@@ -27,8 +28,7 @@ def rows(doc: dict, path: Path) -> list[Row]:
     if not cats or not all(isinstance(c, dict) and "id" in c and "name" in c for c in cats):
         raise DataError(f"{path}: a COCO file needs 'categories', a list of {{\"id\", \"name\"}}")
     names = {c["id"]: str(c["name"]) for c in sorted(cats, key=lambda c: c["id"])}
-    if len(set(names.values())) < len(names):
-        twice = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
+    if twice := sorted(n for n, k in Counter(names.values()).items() if k > 1):
         raise DataError(f"{path}: categories {twice} each appear under more than one id; give each category one id")
     images: dict = {}
     for i, im in enumerate(doc["images"]):

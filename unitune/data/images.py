@@ -9,6 +9,7 @@ do one image at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -36,23 +37,31 @@ def image_path(row: Row, images: str | None) -> Path:
     return path
 
 
-def decode(path: Path, size: int, where: str, crop: bool = True) -> torch.Tensor:
-    """The image as uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped (`crop`: else
-    the whole image, [3, h, w] with min(h, w) = size, as a detector sees it)."""
+@contextlib.contextmanager
+def _opened(path: Path, where: str):
+    """The image file opened with PIL; a missing or unreadable one is a DataError naming the row."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            yield img
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"{where}: cannot read image {path} ({err}); replace the file or drop the row") from None
+
+
+def decode(path: Path, size: int, where: str, crop: bool = True) -> torch.Tensor:
+    """The image as uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped (`crop`: else
+    the whole image, [3, h, w] with min(h, w) = size, as a detector sees it)."""
+    from PIL import Image
+
+    with _opened(path, where) as img:
+        img = img.convert("RGB")
     img = img.resize(resized(*img.size, size), Image.Resampling.BILINEAR)
-    if not crop:
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if crop:
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -64,15 +73,8 @@ def resized(w: int, h: int, size: int) -> tuple[int, int]:
 
 def file_size(path: Path, where: str) -> tuple[int, int]:
     """(width, height) from the file's header."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(f"{where}: image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{where}: cannot read image {path} ({err}); replace the file or drop the row") from None
+    with _opened(path, where) as img:
+        return img.size
 
 
 @dataclass
