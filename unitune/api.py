@@ -22,11 +22,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from unitune import atomic
 from unitune.config import DataConfig, ModelConfig, Recipe, RecipeError, load_recipe, save_recipe
-from unitune.data import Batches, DataBundle, build_data, preference
+from unitune.data import Batches, DataBundle, build_data, preference, replay
 from unitune.data.files import Row
 from unitune.data.formats import template_roles
 from unitune.data.packing import packs_exactly
 from unitune.engine import resume as resuming
+from unitune.engine.anchor import Anchor
 from unitune.engine.loop import is_main_process, train_loop
 from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
@@ -293,6 +294,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         run.stats["feature_cache_s"] = round(time.perf_counter() - started, 2)
         print(f"unitune: only the head trains: its inputs computed once for {len(data.train) + len(data.val)} examples "
               f"in {run.stats['feature_cache_s']} s (no augmentation, no backbone passes in training)", flush=True)
+    if recipe.data.replay:  # rehearse general data beside the task (forgetting)
+        data.train = data.train + replay.examples(recipe, loaded.tokenizer, reference(loaded.model, recipe.method, untrained=True),
+                                                  objective.example, len(data.train), run_dir, data.stats)
+        print(f"unitune: replay: {data.stats['replay_examples']} examples from {recipe.data.replay_from} "
+              f"({data.stats['replay_pool']} distinct) join {len(data.train) - data.stats['replay_examples']} "
+              "training examples", flush=True)
     batches = None if hasattr(objective, "source") else \
         _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     ref = None
@@ -312,9 +319,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
         return objective.loss(model, batch, recipe.objective, ref)
 
+    anchor = Anchor(loaded.model, recipe.train.l2_sp, loaded.head) if recipe.train.l2_sp else None
     history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
                          amp, resume=resume, eval_at_start=recipe.eval.before,
-                         lr_scale=lr_scale(recipe.method, recipe.train.lr))
+                         lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor)
     run.history = history.records
     for name in getattr(objective, "TRAINED_BESIDE", ()):  # PPO's value head: kept in the run, not in the output
         head = loaded.model._modules.pop(name)

@@ -68,6 +68,11 @@ class DataConfig(Section):
     # training augmentation: crop (random resized crop, area in crop_scale), flip (horizontal); [] for none
     augment: list[Literal["crop", "flip"]] = ["crop", "flip"]
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    # forgetting: this fraction of the training examples comes from `replay_from` (a data file, or `chat`:
+    # general prompts disjoint from eval.retention's `general`); rows without an answer are answered by the
+    # base model before training (self-generated replay, kept in the run as replay.jsonl)
+    replay: float = Field(0.0, ge=0.0, lt=1.0)
+    replay_from: str = "chat"
 
     @field_validator("crop_scale")
     @classmethod
@@ -93,6 +98,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    l2_sp: float = Field(0.0, ge=0)  # forgetting: L2 penalty towards the starting weights (engine/anchor.py)
     lean_cpu_memory: bool = False  # CPU: freed activations go straight back to the OS (~30% lower peak, ~20% slower)
     device: str = "auto"
     seed: int = 0
@@ -290,6 +296,15 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     if recipe.data.packing and not packs(recipe.method):
         raise RecipeError(f"method '{recipe.method.name}' puts virtual tokens before each sequence, which packed rows "
                           "cannot hold (only a row's first sequence would see them): set data.packing=false")
+    if recipe.data.replay:
+        if recipe.objective.name != "sft":
+            raise RecipeError(f"data.replay mixes answered rows into supervised fine-tuning; objective.name="
+                              f"{recipe.objective.name} learns from other data: set data.replay=0")
+        same = [r for r in recipe.eval.retention if r == recipe.data.replay_from
+                or Path(r).expanduser().resolve() == Path(recipe.data.replay_from).expanduser().resolve()]
+        if same:
+            raise RecipeError(f"data.replay_from={recipe.data.replay_from} is also in eval.retention: training on the "
+                              "set that measures forgetting would measure memory instead; replay other data")
     if recipe.train.lr is None:  # resolved here, so the saved recipe says which rate ran
         recipe.train.lr = default_lr(recipe)
     recipe.model.kind = model_kind(recipe)

@@ -22,6 +22,7 @@ from unitune import atomic
 from unitune.config import RecipeError, TrainConfig
 from unitune.data import Batches
 from unitune.engine import checkpoint
+from unitune.engine.anchor import Anchor
 from unitune.engine.precision import autocast
 from unitune.engine.schedule import make_scheduler
 
@@ -101,6 +102,7 @@ def train_loop(
     resume: bool = False,
     eval_at_start: bool = True,
     lr_scale: Callable[[str, torch.Tensor], float] | None = None,
+    anchor: Anchor | None = None,
 ) -> History:
     steps = total_steps(cfg, len(batches))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
@@ -191,6 +193,8 @@ def train_loop(
                 sums[k] = sums.get(k, 0.0) + float(v)
         if scaler:
             scaler.unscale_(optimizer)
+        if anchor:  # L2-SP: the pull towards the starting weights joins the gradient before clipping
+            sums["drift"] = anchor.pull() * n  # ||theta - theta_0||, logged with the means over n
         # The norm is needed either way: a finite loss can still give NaN/inf gradients, and one
         # optimizer step with them would turn every weight (and the next checkpoint) into NaN.
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm or math.inf).item()
