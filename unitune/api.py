@@ -242,9 +242,10 @@ def save_output(run: Run, loaded: LoadedModel) -> None:
 
 
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, resume: bool = False,
-          force: bool = False) -> Run:
+          force: bool = False, on_eval=None) -> Run:
     """Train from a recipe. `resume` continues the latest run of this recipe from its last checkpoint;
-    a change that would alter its trajectory (recipe or data) is refused unless `force`."""
+    a change that would alter its trajectory (recipe or data) is refused unless `force`. `on_eval(step,
+    metrics)` is called after every evaluation (a hyperparameter search reports and prunes there)."""
     recipe = load_recipe(recipe, overrides)
     device = pick_device(recipe.train.device)
     amp = precision(recipe, device)
@@ -322,7 +323,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     anchor = Anchor(loaded.model, recipe.train.l2_sp, loaded.head) if recipe.train.l2_sp else None
     history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
                          amp, resume=resume, eval_at_start=recipe.eval.before,
-                         lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor)
+                         lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor, on_eval=on_eval)
     run.history = history.records
     for name in getattr(objective, "TRAINED_BESIDE", ()):  # PPO's value head: kept in the run, not in the output
         head = loaded.model._modules.pop(name)

@@ -23,6 +23,12 @@ def _eval(args) -> None:
         print(before_after_table(results["base"], results["tuned"]))
 
 
+def _hpo(args) -> None:
+    from unitune import hpo
+
+    hpo.run(args.recipe, args.search, args.overrides, trials=args.trials, storage=args.storage)
+
+
 def _merge(args) -> None:
     from unitune import api
 
@@ -143,6 +149,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*")
     e.add_argument("--run", help="a run directory to compare with the base model")
     e.set_defaults(func=_eval)
+
+    h = sub.add_parser("hpo", help="hyperparameter search: an Optuna study over recipe fields, resumable",
+                       parents=[debug])
+    h.add_argument("recipe")
+    h.add_argument("search", help="the search file: metric, direction, trials and space (see unitune/hpo.py)")
+    h.add_argument("overrides", nargs="*", help="section.key=value, fixed for every trial")
+    h.add_argument("--trials", type=int, help="finished trials to reach (default: the search file's)")
+    h.add_argument("--storage", help="an Optuna storage URL shared by several workers (postgresql://...); "
+                                     "default: SQLite in the study directory")
+    h.set_defaults(func=_hpo)
 
     m = sub.add_parser("merge", help="fold a run's LoRA adapter into its base model (a transformers directory)",
                        parents=[debug])

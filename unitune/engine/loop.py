@@ -103,6 +103,7 @@ def train_loop(
     eval_at_start: bool = True,
     lr_scale: Callable[[str, torch.Tensor], float] | None = None,
     anchor: Anchor | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> History:
     steps = total_steps(cfg, len(batches))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
@@ -134,6 +135,8 @@ def train_loop(
         metrics = evaluate()
         record = {"step": step, "split": "val", **metrics}
         history.log(record)
+        if on_eval:  # a search reports the intermediate value (and may stop a hopeless trial here)
+            on_eval(step, metrics)
         if cfg.early_stopping_patience is None:
             return False
         value = metrics.get(cfg.early_stopping_metric)
