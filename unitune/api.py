@@ -34,7 +34,8 @@ from unitune.engine.precision import pick_device, resolve_precision
 from unitune.engine.precompute import precompute_for_run
 from unitune.eval import retention
 from unitune.eval.metrics import generation_metrics, loss_metrics
-from unitune.eval.report import before_after_table, plot_confusion, plot_loss, write_report
+from unitune.eval.report import (before_after_table, plot_before_after, plot_confusion, plot_loss, plot_metrics,
+                                 write_report)
 from unitune.methods import apply_method, io, layer_quantizer, lr_scale, method_footprint, reference
 from unitune.models import LoadedModel, image_kind, load_model, saved_kind, vision
 from unitune.models.loader import load_tokenizer, model_path
@@ -337,6 +338,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if is_main_process():
         save_output(run, loaded)
         plot_loss(run.history, run_dir / "loss.png")
+        plot_metrics(run.history, run_dir / "metrics.png")
+        plot_before_after(run.before, run.metrics, run_dir / "before_after.png")
         if "val_confusion" in run.metrics:  # a classifier's
             plot_confusion(run.metrics["val_confusion"], labels_of(loaded), run_dir / "confusion.png")
         if hasattr(objective, "figures") and data.val:  # a detector's predictions, drawn

@@ -29,6 +29,15 @@ def _hpo(args) -> None:
     hpo.run(args.recipe, args.search, args.overrides, trials=args.trials, storage=args.storage)
 
 
+def _compare(args) -> None:
+    from pathlib import Path
+
+    from unitune.eval.report import compare
+
+    out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
+    print(f"\nunitune: wrote {compare(args.runs, out)} and {out / 'curves.png'}")
+
+
 def _merge(args) -> None:
     from unitune import api
 
@@ -159,6 +168,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--storage", help="an Optuna storage URL shared by several workers (postgresql://...); "
                                      "default: SQLite in the study directory")
     h.set_defaults(func=_hpo)
+
+    r = sub.add_parser("report", help="compare runs side by side: recipe differences, metrics, overlaid curves",
+                       parents=[debug])
+    r.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    r.add_argument("-o", "--out", help="where report.md and curves.png go (default: <first run's folder>/compare)")
+    r.set_defaults(func=_compare)
 
     m = sub.add_parser("merge", help="fold a run's LoRA adapter into its base model (a transformers directory)",
                        parents=[debug])

@@ -40,6 +40,7 @@ class History:
     records: list[dict] = field(default_factory=list)
     path: Path | None = None
     best: dict | None = None  # the best evaluation, when early stopping watches a metric
+    events: object | None = None  # TensorBoard's writer: the same records as event files (`tensorboard --logdir runs`)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -50,6 +51,26 @@ class History:
                 f.write((json.dumps(record) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
+        if self.events:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.events.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            self.events.flush()
+
+    def open_events(self, run_dir: Path, start: int) -> None:
+        """TensorBoard event files in the run directory; a resumed run tells TensorBoard to drop what the
+        interrupted one logged after `start` (its purge step), as truncate_after does for metrics.jsonl."""
+        if not is_main_process():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is optional at run time
+            return
+        self.events = SummaryWriter(str(run_dir), purge_step=start + 1 if start else None)
+
+    def close(self) -> None:
+        if self.events:
+            self.events.close()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop what the interrupted run logged past its last checkpoint (and a torn line)."""
@@ -127,8 +148,11 @@ def train_loop(
             batches.restore(state.pop("source", None), state.pop("source_tensors", {}))
         history.truncate_after(start)
         print(f"unitune: resumed from {ckpt_dir / f'step-{start}'}", flush=True)
-    elif history.path.exists() and is_main_process():
-        history.path.unlink()
+    elif is_main_process():
+        history.path.unlink(missing_ok=True)
+        for old in run_dir.glob("events.out.tfevents.*"):  # a fresh start in this directory starts a fresh log
+            old.unlink()
+    history.open_events(run_dir, start)
 
     def run_eval(step: int) -> bool:
         """Evaluate, log, keep the best weights, and tell whether early stopping says to stop."""
@@ -236,6 +260,7 @@ def train_loop(
     bar.close()
     if evaluate and not state["stopped"]:
         run_eval(step)
+    history.close()
     best = ckpt_dir / "best"
     if cfg.early_stopping_patience is not None and (best / "trainer.json").is_file():
         # The run's result is its best evaluation, not its last: load those weights back.

@@ -21,16 +21,16 @@ HARMLESS = {"train.log_every", "train.save_every", "train.keep_checkpoints", "tr
 FINGERPRINT = "data-fingerprint.json"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
 
 
 def changed_keys(old: Recipe, new: Recipe) -> dict[str, tuple]:
-    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in HARMLESS and not k.startswith("output.")}
 
