@@ -41,6 +41,7 @@ from unitune.models import LoadedModel, image_kind, load_model, saved_kind, visi
 from unitune.models.loader import load_tokenizer, model_path
 from unitune.objectives import OBJECTIVES
 from unitune.objectives.reward import rewards
+from unitune.rl.rewards import load_function
 
 
 @dataclass
@@ -213,12 +214,14 @@ def _task_evaluator(recipe: Recipe, loaded: LoadedModel, val, device, amp, ref, 
         return lambda: objective.evaluate(loaded.model, loaded.tokenizer, val, recipe, device, amp)
     batches = _batches(recipe, val, loaded.tokenizer.pad_token_id, recipe.eval.batch_size, loaded.model)
     ev = recipe.eval
+    for spec in ev.scorers:  # a scorer that cannot load fails now, not after the first epoch
+        load_function(spec, "eval.scorers function")
 
     def evaluate() -> dict:
         metrics = loss_metrics(loaded.model, batches, objective_of(recipe), recipe.objective, ref, device, amp)
         if ev.generate:
             scores, samples = generation_metrics(loaded.model, loaded.tokenizer, val, ev.generate, ev.max_new_tokens,
-                                                 ev.batch_size, ev.temperature)
+                                                 ev.batch_size, ev.temperature, ev.scorers)
             metrics.update(scores)
             if samples:
                 s = samples[0]

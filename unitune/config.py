@@ -120,6 +120,10 @@ class EvalConfig(Section):
     # retention sets (what the model could do before): data files of answered rows, or `general`; each is
     # measured at every evaluation (loss and contains / exact match of its answers) to show forgetting
     retention: list[str] = []
+    # scoring functions (`module:function`) of the generated answers, called as RL reward functions are:
+    # fn(prompts=[...], completions=[...], references=[...]) -> one float (or None) per answer; logged as
+    # score_<function> (the mean over the answers it scored)
+    scorers: list[str] = []
 
 
 class OutputConfig(Section):

@@ -46,11 +46,25 @@ def match_scores(predictions: list[str], references: list[str]) -> dict[str, flo
 
 
 def generation_metrics(model, tok, examples: list[Example], limit: int, max_new_tokens: int, batch_size: int,
-                       temperature: float = 0.0) -> tuple[dict[str, float], list[dict]]:
+                       temperature: float = 0.0, scorers: list[str] = ()) -> tuple[dict[str, float], list[dict]]:
     chats = [e for e in examples if getattr(e, "messages", None)][:limit]
     if not chats:
         return {}, []
     prompts, refs = zip(*(prompt_and_reference(e.messages) for e in chats))
     preds = generate(model, tok, list(prompts), max_new_tokens, temperature, batch_size=batch_size)
     samples = [{"prompt": p[-1]["content"], "reference": r, "prediction": g} for p, r, g in zip(prompts, refs, preds)]
-    return match_scores(preds, list(refs)), samples
+    scores = match_scores(preds, list(refs))
+    for spec in scorers:
+        scores |= score(spec, list(prompts), preds, list(refs), [e.where for e in chats])
+    return scores, samples
+
+
+def score(spec: str, prompts: list, answers: list[str], references: list[str], where: list[str]) -> dict[str, float]:
+    """A scoring function's mean over the answers it scores (None: not scored), as `score_<function>`."""
+    from unitune.rl.rewards import RewardSource, call, load_function
+
+    source = RewardSource(function=spec)
+    values = call(source, load_function(spec, "eval.scorers function"), prompts, answers,
+                  [{"references": r} for r in references], where, kind="scorer")
+    scored = values[~values.isnan()]
+    return {f"score_{source.label}": float(scored.mean()) if len(scored) else float("nan")}

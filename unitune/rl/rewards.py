@@ -75,7 +75,7 @@ class Rewards:
         total = torch.zeros(len(completions))
         each = {}
         for source, fn in zip(self.sources, self.fns):
-            values = _call(source, fn, prompts, completions, rows, where)
+            values = call(source, fn, prompts, completions, rows, where)
             each[source.label] = values
             total += source.weight * torch.nan_to_num(values, nan=0.0)  # None: adds nothing
         return total, each
@@ -86,8 +86,9 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _call(source: RewardSource, fn: Callable, prompts, completions, rows, where) -> torch.Tensor:
-    what = f"reward {source.function or source.model}"
+def call(source: RewardSource, fn: Callable, prompts, completions, rows, where, kind: str = "reward") -> torch.Tensor:
+    """fn's value for each completion (NaN where it returned None), its failures named by row."""
+    what = f"{kind} {source.function or source.model}"
     try:
         values = fn(prompts=prompts, completions=completions, **_columns(rows))
     except Exception as err:  # name the first row it fails on, calling it row by row
