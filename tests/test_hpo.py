@@ -121,6 +121,7 @@ def test_bad_searches_fail_before_any_trial(recipe_file, tmp_path):
              ({"method.rank_": [4]}, {}, "search.space.method.rank_"),
              ({"train.lr": {"low": 1.0e-3, "high": 1.0e-4}}, {}, "empty range"),
              ({"method.r": []}, {}, "empty list"),
+             ({"method.name": ["lora", "lorra"]}, {}, "unknown method 'lorra'"),
              ({"train.lr": {"low": 0.0, "high": 1.0e-3, "log": True}}, {}, "log range needs low > 0"),
              ({"train.batch_size": [0]}, {}, "batch_size"),
              ({"train.lr": [1.0e-3]}, {"metric": "exact_match"}, "exact_match is not reported.*val_loss")]

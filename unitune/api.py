@@ -472,9 +472,15 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, run: str | Path | None = None) -> dict:
-    """Validation metrics of the base model and, given a run directory, of the tuned model, side by side."""
+def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, run: str | Path | None = None,
+             judge: str | None = None, rubric: str | None = None) -> dict:
+    """Validation metrics of the base model and, given a run directory, of the tuned model, side by side.
+    With a `judge` (as `unitune judge` takes one), the tuned model's answers are judged against the base
+    model's, each pair in both orders: results["judge"] holds the win rate and the judge's biases."""
     recipe = load_recipe(recipe, overrides)
+    if judge and not (run and recipe.eval.generate):
+        raise RecipeError("a judge compares the tuned model's answers with the base model's: give --run and "
+                          "keep eval.generate > 0")
     device = pick_device(recipe.train.device)
     amp = precision(recipe, device)
     loaded, data, _ = load_with_data(recipe, device)
@@ -483,9 +489,27 @@ def evaluate(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     # The reference of a preference objective is the base model, for the base and the tuned alike.
     base = copy.deepcopy(loaded.model).eval() if run and needs_ref(recipe) else loaded.model
     ref = (lambda: contextlib.nullcontext(base)) if needs_ref(recipe) else None
-    results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref, retained=retained)()}
+    answers: dict[str, list[dict]] = {"base": [], "tuned": []}
+    results = {"base": make_evaluator(recipe, loaded, val, device, amp, ref, answers["base"], retained)()}
     if run:
         loaded.model = io.load_adapter(loaded.model, Path(run) / "adapter") if (Path(run) / "adapter").is_dir() \
             else load_run_or_model(run, device).model
-        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp, ref, retained=retained)()
+        results["tuned"] = make_evaluator(recipe, loaded, val, device, amp, ref, answers["tuned"], retained)()
+    if judge:
+        del loaded
+        results["judge"] = judge_answers(judge, rubric, answers["tuned"], answers["base"], recipe.train.device)
     return results
+
+
+def judge_answers(spec: str, rubric: str | None, tuned: list[dict], base: list[dict], device: str) -> dict:
+    """The tuned model's answers against the base model's, per prompt, judged in both orders: how often each
+    wins (a verdict both orders agree on), ties, inconsistent verdicts, and the judge's biases."""
+    from unitune.feedback import judge
+
+    items = [judge.Item(i, t["prompt"], t["prediction"], b["prediction"], f"validation row {i + 1}",
+                        [{"role": "user", "content": t["prompt"]}]) for i, (t, b) in enumerate(zip(tuned, base))]
+    rep = judge.report(judge.judge_pairs(judge.load_judge(spec, rubric, device), items, progress=True))
+    n, outcomes = rep["pairs"], rep["outcomes"]
+    return {"judge": spec, "pairs": n, "win_rate": outcomes["a"] / n, "loss_rate": outcomes["b"] / n,
+            "tie_rate": outcomes["tie"] / n, "inconsistent_rate": outcomes["inconsistent"] / n,
+            "agreement": rep["agreement"], "position_bias": rep["position_bias"], "length": rep["length"]}

@@ -17,10 +17,15 @@ def _eval(args) -> None:
     from unitune import api
     from unitune.eval.report import before_after_table
 
-    results = api.evaluate(args.recipe, args.overrides, run=args.run)
+    results = api.evaluate(args.recipe, args.overrides, run=args.run, judge=args.judge, rubric=args.rubric)
     print(json.dumps(results, indent=2))
     if "tuned" in results:
         print(before_after_table(results["base"], results["tuned"]))
+    if "judge" in results:
+        j = results["judge"]
+        print(f"judge {j['judge']}: the tuned model's answer won {j['win_rate']:.3f} of {j['pairs']} pairs, the base "
+              f"model's {j['loss_rate']:.3f}; ties {j['tie_rate']:.3f}, inconsistent across orders "
+              f"{j['inconsistent_rate']:.3f} (position bias {j['position_bias']['rate']:.3f})")
 
 
 def _hpo(args) -> None:
@@ -157,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--run", help="a run directory to compare with the base model")
+    e.add_argument("--judge", help="an AI judge of the tuned model's answers against the base model's, in both "
+                                   "orders (an LLM, reward:PATH or module:function, as `unitune judge` takes)")
+    e.add_argument("--rubric", help="what an LLM judge weighs: the text, or a file holding it")
     e.set_defaults(func=_eval)
 
     h = sub.add_parser("hpo", help="hyperparameter search: an Optuna study over recipe fields, resumable",

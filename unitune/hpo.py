@@ -19,7 +19,9 @@ list, and a metric the evaluation does not report (found by evaluating the base 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import math
 import os
 import random
@@ -87,18 +89,22 @@ def check_space(recipe_path: str, overrides: list[str], search: Search) -> None:
             if values.log and values.low <= 0:
                 raise RecipeError(f"{where}: a log range needs low > 0, got {values.low}")
             samples = [values.low, values.high]
-        if key == "method.name":
-            continue
         for value in samples:
-            errors = []
-            for method in methods if key.startswith("method.") else methods[:1]:
-                try:
-                    load_recipe(recipe_path, [*overrides, f"method.name={method}", f"{key}={_text(value)}"])
-                    break
-                except RecipeError as err:
-                    errors.append(str(err))
-            else:
+            tried = [[f"method.name={value}"]] if key == "method.name" else \
+                [[f"method.name={m}", f"{key}={_text(value)}"] for m in (methods if key.startswith("method.") else methods[:1])]
+            errors = [e for e in (_error(recipe_path, [*overrides, *t]) for t in tried) if e]
+            if len(errors) == len(tried):  # no method takes it (a method.* field may belong to some of them)
                 raise RecipeError(f"{where}: {errors[0]}")
+
+
+def _error(recipe_path: str, overrides: list[str]) -> str | None:
+    """What is wrong with the recipe under these overrides, or None."""
+    try:  # quietly: another method's name sets aside the recipe's own method keys, with a notice
+        with contextlib.redirect_stderr(io.StringIO()):
+            load_recipe(recipe_path, overrides)
+    except RecipeError as err:
+        return str(err)
+    return None
 
 
 def _text(value: Any) -> str:
