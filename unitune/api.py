@@ -300,8 +300,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         print(f"unitune: only the head trains: its inputs computed once for {len(data.train) + len(data.val)} examples "
               f"in {run.stats['feature_cache_s']} s (no augmentation, no backbone passes in training)", flush=True)
     if recipe.data.replay:  # rehearse general data beside the task (forgetting)
-        data.train = data.train + replay.examples(recipe, loaded.tokenizer, reference(loaded.model, recipe.method, untrained=True),
-                                                  objective.example, len(data.train), run_dir, data.stats)
+        base = reference(loaded.model, recipe.method, untrained=True)  # before the first step: the base model
+        data.train = data.train + replay.examples(recipe, loaded.tokenizer, base, objective.example, len(data.train),
+                                                  run_dir, data.stats)
         print(f"unitune: replay: {data.stats['replay_examples']} examples from {recipe.data.replay_from} "
               f"({data.stats['replay_pool']} distinct) join {len(data.train) - data.stats['replay_examples']} "
               "training examples", flush=True)

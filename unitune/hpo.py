@@ -89,9 +89,10 @@ def check_space(recipe_path: str, overrides: list[str], search: Search) -> None:
             if values.log and values.low <= 0:
                 raise RecipeError(f"{where}: a log range needs low > 0, got {values.low}")
             samples = [values.low, values.high]
+        takers = methods if key.startswith("method.") else methods[:1]
         for value in samples:
             tried = [[f"method.name={value}"]] if key == "method.name" else \
-                [[f"method.name={m}", f"{key}={_text(value)}"] for m in (methods if key.startswith("method.") else methods[:1])]
+                [[f"method.name={m}", f"{key}={_text(value)}"] for m in takers]
             errors = [e for e in (_error(recipe_path, [*overrides, *t]) for t in tried) if e]
             if len(errors) == len(tried):  # no method takes it (a method.* field may belong to some of them)
                 raise RecipeError(f"{where}: {errors[0]}")
@@ -154,9 +155,9 @@ def _storage(search: Search, study_dir: Path):
     for attempt in range(5):
         try:
             # heartbeats: a trial whose worker on another machine died is failed after the grace period and retried
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                                                  max_retry=2))
+                                              heartbeat_stale_trial_callback=retry)
         except DBAPIError:  # workers started together race to create Optuna's tables in an empty database
             if attempt == 4:
                 raise

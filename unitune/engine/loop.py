@@ -160,7 +160,11 @@ def train_loop(
         record = {"step": step, "split": "val", **metrics}
         history.log(record)
         if on_eval:  # a search reports the intermediate value (and may stop a hopeless trial here)
-            on_eval(step, metrics)
+            try:
+                on_eval(step, metrics)
+            except BaseException:
+                history.close()
+                raise
         if cfg.early_stopping_patience is None:
             return False
         value = metrics.get(cfg.early_stopping_metric)

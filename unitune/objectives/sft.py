@@ -13,8 +13,8 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
