@@ -16,6 +16,15 @@ from unitune.tasks import orders
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_data_cache(tmp_path_factory):
+    """The suite's tokenized-data cache lives in a temp dir, not the user's ~/.cache (data/cache.py)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNITUNE_CACHE", str(tmp_path_factory.mktemp("unitune-cache")))
+    yield
+    mp.undo()
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained in a second on the quickstart task's text."""
     corpus = [json.dumps(orders.make_row(__import__("random").Random(i), i % 2 == 0)) for i in range(400)]

@@ -62,6 +62,8 @@ class DataConfig(Section):
     system_prompt: str | None = None
     max_examples: int | None = None
     generator: str | None = None  # `module:function` that writes the data files (built-in tasks)
+    cache: bool = True  # tokenized examples kept in ~/.cache/unitune/data, keyed by content (data/cache.py)
+    num_proc: int | None = Field(None, gt=0)  # processes tokenizing a large file; default: one per core
     # images: relative paths in a CSV / JSONL resolve against `images` (default: the file's folder)
     images: str | None = None
     image_size: int | None = Field(None, gt=0)  # square side the model sees; default: the model's (224)

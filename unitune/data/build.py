@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from unitune.config import DataConfig
+from unitune.data import cache as data_cache
+from unitune.engine.resume import file_digest
 from unitune.data.files import DataError, Row, read_rows
 from unitune.data.formats import NothingToLearn, template_roles
 from unitune.data.packing import group_by_length, pack
@@ -38,11 +43,12 @@ def generate_files(cfg: DataConfig) -> None:
     getattr(importlib.import_module(module), func)(wanted[0].parent)
 
 
-def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, to_example: ToExample, stats: dict) -> list:
-    rows = read_rows(path)
-    if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
-    roles = template_roles(tok)
+PARALLEL_ROWS = 4096  # below this, starting worker processes costs more than it saves
+_job: tuple = ()  # what forked workers convert: (rows, cfg, tok, to_example, roles), inherited, not pickled
+
+
+def _convert(rows: list[Row], cfg: DataConfig, tok, to_example: ToExample, roles) -> tuple[list, int]:
+    """The rows' examples (None: too long, dropped), and how many rows had nothing to learn."""
     examples, skipped = [], 0
     for r in rows:
         try:
@@ -51,20 +57,64 @@ def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, to_e
             if cfg.nothing_to_learn == "error":
                 raise DataError(f"{err} (or set data.nothing_to_learn=skip)") from None
             skipped += 1
+    return examples, skipped
+
+
+def _convert_span(span: tuple[int, int]) -> tuple[list, int]:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker process
+    rows, *job = _job
+    return _convert(rows[span[0] : span[1]], *job)
+
+
+def _convert_all(rows: list[Row], cfg: DataConfig, tok, to_example: ToExample, roles) -> tuple[list, int]:
+    """_convert, in worker processes (forked: they inherit the rows and the tokenizer) for large files."""
+    procs = min(cfg.num_proc or os.cpu_count() or 1, max(1, len(rows) // PARALLEL_ROWS))
+    if procs < 2:
+        return _convert(rows, cfg, tok, to_example, roles)
+    global _job
+    _job = (rows, cfg, tok, to_example, roles)
+    size = -(-len(rows) // (procs * 4))  # a few spans per worker: an uneven one does not hold the rest up
+    try:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_convert_span, [(i, i + size) for i in range(0, len(rows), size)]))
+    finally:
+        _job = ()
+    return [e for examples, _ in parts for e in examples], sum(n for _, n in parts)
+
+
+def load_examples(path: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, to_example: ToExample, stats: dict,
+                  cache: bool = False) -> list:
+    """The file's examples and their counts (added to `stats`); read from the cache when `cache` and the same
+    file, tokenizer and settings made them before (data/cache.py)."""
+    name = data_cache.key(str(path), file_digest(Path(path).expanduser()), cfg, tok, to_example) \
+        if cache and Path(path).expanduser().exists() else None
+    if name and (hit := data_cache.load(name)):
+        examples, counts = hit
+    else:
+        examples, counts = _read_examples(path, cfg, tok, to_example)
+        if name:
+            data_cache.save(name, examples, counts)
+    for k, v in counts.items():
+        stats[k] = stats.get(k, 0) + v
+    return examples
+
+
+def _read_examples(path: str, cfg: DataConfig, tok, to_example: ToExample) -> tuple[list, dict]:
+    rows = read_rows(path)
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    examples, skipped = _convert_all(rows, cfg, tok, to_example, template_roles(tok))
     fitting = [e for e in examples if e is not None]  # None: too long, dropped by data.truncation
     kept = [e for e in fitting if e.n_loss > 0]
-    stats["rows"] = stats.get("rows", 0) + len(rows)
-    stats["skipped_nothing_to_learn"] = stats.get("skipped_nothing_to_learn", 0) + skipped
-    stats["truncated"] = stats.get("truncated", 0) + sum(e.truncated for e in fitting)
-    stats["dropped_too_long"] = stats.get("dropped_too_long", 0) + len(examples) - len(fitting)
-    stats["dropped_no_loss_tokens"] = stats.get("dropped_no_loss_tokens", 0) + len(fitting) - len(kept)
+    counts = {"rows": len(rows), "skipped_nothing_to_learn": skipped, "truncated": sum(e.truncated for e in fitting),
+              "dropped_too_long": len(examples) - len(fitting), "dropped_no_loss_tokens": len(fitting) - len(kept)}
     if not kept:
         raise DataError(
-            f"{path}: no usable examples ({len(rows)} rows read; {stats['dropped_too_long']} longer than "
+            f"{path}: no usable examples ({len(rows)} rows read; {counts['dropped_too_long']} longer than "
             f"data.max_length={cfg.max_length} dropped (data.truncation={cfg.truncation}); "
-            f"{stats['dropped_no_loss_tokens']} have no tokens to learn from)"
+            f"{counts['dropped_no_loss_tokens']} have no tokens to learn from)"
         )
-    return kept
+    return kept, counts
 
 
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int, to_example: ToExample) -> DataBundle:
@@ -72,9 +122,9 @@ def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int, to_exam
         raise DataError("the recipe names no training data: set data.train to a file or directory")
     generate_files(cfg)
     stats: dict = {}
-    train = load_examples(cfg.train, cfg, tok, to_example, stats)
+    train = load_examples(cfg.train, cfg, tok, to_example, stats, cfg.cache)
     if cfg.validation:
-        val = load_examples(cfg.validation, cfg, tok, to_example, {})
+        val = load_examples(cfg.validation, cfg, tok, to_example, {}, cfg.cache)
     elif cfg.val_ratio > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)

@@ -17,7 +17,8 @@ from unitune.config import Recipe, RecipeError
 # Keys a resumed run may change: they decide what is logged, saved or shown, not the weights.
 # (Evaluation runs in eval mode under no_grad and greedy decoding draws no random numbers.)
 HARMLESS = {"train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
-            "eval.before", "eval.generate", "eval.max_new_tokens", "eval.batch_size", "output.overwrite"}
+            "eval.before", "eval.generate", "eval.max_new_tokens", "eval.batch_size", "output.overwrite",
+            "data.cache", "data.num_proc"}
 FINGERPRINT = "data-fingerprint.json"
 
 
@@ -44,7 +45,8 @@ def check_recipe(old: Recipe, new: Recipe, force: bool) -> None:
                           "uninterrupted run)")
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content (a directory's: its files' names and contents)."""
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
@@ -56,7 +58,7 @@ def _digest(path: Path) -> str:
 
 def data_fingerprint(recipe: Recipe) -> dict[str, str]:
     files = {k: getattr(recipe.data, k) for k in ("train", "validation")}
-    return {k: _digest(Path(v).expanduser()) for k, v in files.items() if v and Path(v).expanduser().exists()}
+    return {k: file_digest(Path(v).expanduser()) for k, v in files.items() if v and Path(v).expanduser().exists()}
 
 
 def record_data(run_dir: Path, recipe: Recipe) -> None:
