@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -599,3 +600,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one(full_run, train_crashing_at):
     assert train(resumed)[-2:] == pytest.approx(train(straight)[-2:], abs=1e-5)
     for k in ("val_map", "val_map_50", "val_map_75", "val_mar_100"):
         assert resumed.metrics[k] == pytest.approx(straight.metrics[k], abs=1e-6)
+
+
+def test_unitune_eval_scores_the_base_and_the_tuned_detector(full_run, capsys):
+    from unitune.cli import main
+
+    run = full_run["run"]
+    results = unitune.evaluate(full_run["recipe"], run=run.dir)
+    assert results["tuned"]["val_map"] == pytest.approx(run.metrics["val_map"], abs=1e-6)
+    assert results["base"]["val_map"] != pytest.approx(results["tuned"]["val_map"], abs=1e-6)  # a new head: untrained
+    capsys.readouterr()
+    recipe = full_run["dir"] / "eval.yaml"
+    recipe.write_text(yaml.safe_dump(full_run["recipe"]))
+    assert main(["eval", str(recipe), "--run", str(run.dir)]) == 0
+    assert "| val_map |" in capsys.readouterr().out
