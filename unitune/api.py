@@ -26,7 +26,7 @@ from unitune.data import Batches, DataBundle, build_data, preference, replay
 from unitune.data.files import Row
 from unitune.data.formats import template_roles
 from unitune.data.packing import packs_exactly
-from unitune.engine import resume as resuming
+from unitune.engine import distributed, resume as resuming
 from unitune.engine.anchor import Anchor
 from unitune.engine.loop import is_main_process, train_loop
 from unitune.engine.memory import tune_cpu_allocator
@@ -251,12 +251,16 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     a change that would alter its trajectory (recipe or data) is refused unless `force`. `on_eval(step,
     metrics)` is called after every evaluation (a hyperparameter search reports and prunes there)."""
     recipe = load_recipe(recipe, overrides)
-    device = pick_device(recipe.train.device)
+    if distributed.processes() > 1 and hasattr(objective_of(recipe), "source"):
+        raise RecipeError(f"objective.name={recipe.objective.name} generates its batches as it trains, which does not "
+                          "run on several processes yet: start it as one process")
+    device = distributed.setup(recipe.train.device) or pick_device(recipe.train.device)
     amp = precision(recipe, device)
     if device.type == "cpu" and recipe.train.lean_cpu_memory:
         tune_cpu_allocator()
-    run_dir = choose_run_dir(recipe, resume)
-    atomic.recover(run_dir)  # a kill while the output or a log was being replaced
+    run_dir = distributed.same_everywhere(choose_run_dir(recipe, resume) if is_main_process() else None)
+    if is_main_process():  # (the others would take its temp files for a dead run's)
+        atomic.recover(run_dir)  # a kill while the output or a log was being replaced
     if resume:
         resuming.check_recipe(load_recipe(run_dir / "recipe.yaml"), recipe, force)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,10 +329,16 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
         return objective.loss(model, batch, recipe.objective, ref)
 
+    no_sync = None
+    if distributed.active():  # data parallelism: each process takes its share of every batch, DDP syncs gradients
+        batches.shard = (distributed.rank(), distributed.processes())
+        loss_fn, no_sync = distributed.wrap(loaded.model, loss_fn, device)
+
     anchor = Anchor(loaded.model, recipe.train.l2_sp, loaded.head) if recipe.train.l2_sp else None
     history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
                          amp, resume=resume, eval_at_start=recipe.eval.before,
-                         lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor, on_eval=on_eval)
+                         lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor, on_eval=on_eval,
+                         no_sync=no_sync)
     run.history = history.records
     for name in getattr(objective, "TRAINED_BESIDE", ()):  # PPO's value head: kept in the run, not in the output
         head = loaded.model._modules.pop(name)
@@ -355,6 +365,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         notes += retention.summary(run.before, run.metrics)
         write_report(run_dir, table, samples, data.stats, run.params, notes)
         print(f"\n{table}\n\nunitune: saved {run.output} and {run_dir / 'report.md'}", flush=True)
+    if distributed.active():
+        distributed.barrier()  # every process ends after rank 0's output is written
+        distributed.teardown()
     return run
 
 

@@ -8,6 +8,13 @@ import traceback
 
 
 def _train(args) -> None:
+    if args.nproc and args.nproc > 1:  # torchrun starts the processes and runs this command in each
+        import os
+
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                "-m", "unitune", "train", args.recipe, *args.overrides, *(["--resume"] if args.resume else []),
+                *(["--force"] if args.force else [])]
+        os.execv(sys.executable, argv)
     from unitune import api
 
     api.train(args.recipe, args.overrides, resume=args.resume, force=args.force)
@@ -152,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     t.add_argument("--resume", action="store_true", help="continue the latest run of this recipe from its last checkpoint")
+    t.add_argument("--nproc", type=int, help="train on this many processes (torchrun; DDP, data parallel)")
     t.add_argument("--force", action="store_true",
                    help="with --resume: continue even though the recipe or the data changed (the result will not "
                         "equal an uninterrupted run)")

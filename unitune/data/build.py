@@ -155,6 +155,9 @@ class Batches:
         self.rows = pack(examples, max_length, seed) if packing else None
         self.cursor = 0
         self._epoch, self._plan = -1, []
+        # (rank, processes): under data parallelism each process collates its share of every planned batch,
+        # rows rank, rank + processes, ...; the plan itself is the same everywhere (engine/distributed.py)
+        self.shard = (0, 1)
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
         if epoch != self._epoch:
@@ -174,7 +177,12 @@ class Batches:
     def next(self) -> dict:
         epoch, i = divmod(self.cursor, len(self))
         self.cursor += 1
-        return self.collate(self.examples, self.plan(epoch)[i], self.pad_id, self.packing, self.max_length)
+        rows = self.plan(epoch)[i]
+        rank, processes = self.shard
+        mine = rows[rank::processes]
+        if not mine:  # a short last batch leaves this process nothing: it computes a row, weighted 0, to stay in step
+            return {**self.collate(self.examples, rows[:1], self.pad_id, self.packing, self.max_length), "ghost": True}
+        return self.collate(self.examples, mine, self.pad_id, self.packing, self.max_length)
 
     def all(self):
         """Every batch of one pass, in order (evaluation)."""

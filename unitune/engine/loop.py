@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from unitune import atomic
 from unitune.config import RecipeError, TrainConfig
 from unitune.data import Batches
-from unitune.engine import checkpoint
+from unitune.engine import checkpoint, distributed
 from unitune.engine.anchor import Anchor
 from unitune.engine.precision import autocast
 from unitune.engine.schedule import make_scheduler
@@ -125,6 +125,7 @@ def train_loop(
     lr_scale: Callable[[str, torch.Tensor], float] | None = None,
     anchor: Anchor | None = None,
     on_eval: Callable[[int, dict], None] | None = None,
+    no_sync: Callable | None = None,
 ) -> History:
     steps = total_steps(cfg, len(batches))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
@@ -136,9 +137,12 @@ def train_loop(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     kept = dict(trainable) | checkpoint.running_stats(model)  # what a checkpoint keeps: all that training changes
     state = {"cursor": 0, "best": None, "bad_evals": 0, "stopped": None}
+    processes = distributed.processes() if distributed.active() else 1
 
     start = 0
-    atomic.recover(ckpt_dir)  # a kill mid-save or mid-delete left temp or renamed-aside copies
+    if is_main_process():
+        atomic.recover(ckpt_dir)  # a kill mid-save or mid-delete left temp or renamed-aside copies
+    distributed.barrier()  # the others read the checkpoints once rank 0 has put them right
     saved = checkpoint.list_checkpoints(ckpt_dir)
     if resume and saved:
         state.update(checkpoint.load(ckpt_dir / f"step-{saved[-1]}", model, optimizer, scheduler))
@@ -207,21 +211,30 @@ def train_loop(
         t0 = time.perf_counter()
         micro = [batches.next() for _ in range(cfg.grad_accum)]
         fetch = time.perf_counter() - t0  # an online objective generates here: not training time
-        n = max(sum(count(b) for b in micro), 1)
-        step_loss, sums = 0.0, {}
-        for batch in micro:
+        # the whole step's count, over every process (data parallelism: each holds a share of each batch)
+        n = max(distributed.all_sum([sum(0 if b.get("ghost") else count(b) for b in micro)])[0], 1)
+        step_loss, sums, step_seen = 0.0, {}, {}
+        for j, batch in enumerate(micro):
+            weight = 0.0 if batch.pop("ghost", False) else processes  # DDP averages: scale by the processes
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast(device, amp):
-                loss_sum, info = loss_fn(model, batch)
-            loss = loss_sum / n
-            if not torch.isfinite(loss):
-                stop_non_finite(f"loss became {loss.item()} at step {step}")
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.item()
-            for key in [k for k in info if k.startswith("seen_")]:
-                seen[key[5:]] = seen.get(key[5:], 0.0) + float(info.pop(key))
+            with distributed.no_sync_for(no_sync, last=j == len(micro) - 1):  # one gradient exchange a step
+                with autocast(device, amp):
+                    loss_sum, info = loss_fn(model, batch)
+                loss = loss_sum * weight / n
+                if processes == 1 and not torch.isfinite(loss):  # several: the gradient norm below stops them all
+                    stop_non_finite(f"loss became {loss.item()} at step {step}")
+                (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.item() / processes
             for k, v in info.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                into = step_seen if k.startswith("seen_") else sums
+                into[k] = into.get(k, 0.0) + float(v) * weight / processes
+        if processes > 1:  # what every process saw, for the log
+            keys = sorted(sums) + sorted(step_seen)
+            totals = distributed.all_sum([step_loss, *(sums.get(k, step_seen.get(k)) for k in keys)])
+            step_loss, values = totals[0], dict(zip(keys, totals[1:]))
+            sums, step_seen = {k: values[k] for k in sums}, {k: values[k] for k in step_seen}
+        for key, v in step_seen.items():
+            seen[key[5:]] = seen.get(key[5:], 0.0) + v
         if scaler:
             scaler.unscale_(optimizer)
         if anchor:  # L2-SP: the pull towards the starting weights joins the gradient before clipping

@@ -1,0 +1,115 @@
+"""Data parallelism: 2 processes (torchrun, gloo) equal 1 process with the same global batch, and a killed
+2-process run resumes on 1 process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import unitune
+
+
+def _recipe(tiny_recipe, name: str, **train) -> dict:
+    return {**tiny_recipe, "method": {**tiny_recipe["method"], "dropout": 0.0},  # no RNG: the runs can be equal
+            "train": {**tiny_recipe["train"], "steps": 4, "batch_size": 3, "grad_accum": 2, "lr": 1e-2,
+                      "precision": "fp32", "device": "cpu", **train},
+            "eval": {"before": False, "generate": 0}, "output": {**tiny_recipe["output"], "name": name}}
+
+
+def _torchrun(recipe: dict, tmp_path: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{recipe['output']['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = subprocess.run([sys.executable, "-m", "unitune", "train", str(path), "--nproc", str(nproc), *args],
+                          capture_output=True, text=True, timeout=600)
+    return done
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(3, 2), (47, 1)])  # accumulation; a last batch of one row
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_path, batch_size, grad_accum):
+    shape = {"batch_size": batch_size, "grad_accum": grad_accum}
+    one = unitune.train(_recipe(tiny_recipe, "one", **shape))
+    done = _torchrun(_recipe(tiny_recipe, "two", **shape), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two_dir = one.dir.with_name("two")
+    assert not two_dir.with_name("two-2").exists()  # both processes wrote to the one run directory
+    a, b = _train_losses(one.dir), _train_losses(two_dir)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+    wa, wb = load_file(one.output / "adapter_model.safetensors"), load_file(two_dir / "adapter" / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4)
+    one_log = [json.loads(x) for x in (one.dir / "metrics.jsonl").read_text().splitlines()]
+    two_log = [json.loads(x) for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two_log] == [r["step"] for r in one_log]  # one log, written once, by rank 0
+    assert two_log[-1]["val_loss"] == pytest.approx(one_log[-1]["val_loss"], rel=1e-4)
+
+
+def test_a_two_process_run_killed_resumes_on_one_process(tiny_recipe, tmp_path):
+    from unitune.engine import checkpoint
+
+    recipe = _recipe(tiny_recipe, "moved", steps=30, save_every=2)
+    straight = unitune.train(_recipe(tiny_recipe, "straight", steps=30, save_every=2))
+    path = tmp_path / "moved.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.Popen([sys.executable, "-m", "unitune", "train", str(path), "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = straight.dir.with_name("moved") / "checkpoints"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not [s for s in checkpoint.list_checkpoints(ckpts) if s >= 4]:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    proc.wait()
+    saved = checkpoint.list_checkpoints(ckpts)
+    assert saved and saved[-1] < 30, saved  # killed before the end
+
+    resumed = unitune.train(recipe, resume=True)
+    losses = _train_losses(resumed.dir)
+    assert sorted(losses) == list(range(1, 31))
+    for step, loss in _train_losses(straight.dir).items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    wa = load_file(straight.output / "adapter_model.safetensors")
+    wb = load_file(resumed.output / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4)
+
+
+def test_each_process_collates_its_share_of_every_batch(tokenizer, orders_data):
+    from unitune.config import DataConfig
+    from unitune.data import Batches, build_data
+    from unitune.objectives import sft
+
+    data = build_data(DataConfig(train=str(orders_data / "train.jsonl"), max_length=256), tokenizer, 0, sft.example)
+    make = lambda: Batches(data.train, 47, True, 256, 0, 0, sft.collate)  # noqa: E731  (48 rows: 47 + 1)
+    whole, shares = make(), [make(), make()]
+    for r, b in enumerate(shares):
+        b.shard = (r, 2)
+    ghosts = 0
+    for _ in range(len(whole)):
+        full = whole.next()
+        parts = [b.next() for b in shares]
+        rows = full["input_ids"].shape[0]
+        if rows == 1:  # a short last batch: the second process gets a row to compute, weighted 0
+            assert parts[1]["ghost"] and "ghost" not in parts[0]
+            torch.testing.assert_close(parts[0]["input_ids"], full["input_ids"])
+            ghosts += 1
+            continue
+        assert [p["input_ids"].shape[0] for p in parts] == [(rows + 1) // 2, rows // 2]
+        for r, part in enumerate(parts):  # rows 0 and 1 of the batch, one to each process (padded to its share)
+            width = min(part["input_ids"].shape[1], full["input_ids"].shape[1])
+            torch.testing.assert_close(part["input_ids"][0, :width], full["input_ids"][r, :width])
+    assert ghosts == 1

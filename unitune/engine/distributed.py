@@ -1,0 +1,105 @@
+"""Data parallelism on PyTorch's own distributed engine: torchrun starts the processes, DDP keeps them equal.
+
+    torchrun --nproc_per_node=2 -m unitune train RECIPE     # or: unitune train RECIPE --nproc 2
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        -m unitune train RECIPE                             # several machines: torchrun's own rendezvous
+
+N processes equal one process with the same global batch (train.batch_size rows a micro-batch, grad_accum
+micro-batches a step): every process plans the same batches and collates its share of each, rows rank,
+rank + N, ... (data/build.py); the loss normaliser (loss tokens, pairs, ...) is summed over the processes,
+and each process's loss sum is scaled by N / that total, so DDP's gradient average is exactly the gradient of
+the whole batch. Micro-batches before the last of a step run under no_sync: one gradient exchange a step.
+
+The objectives call the model's parts (the backbone, the LM head in chunks), not its forward, so DDP wraps
+the objective's loss as a module (`LossModule`): its forward is the loss, its parameters the model's, and
+DDP's reducer sees every gradient. DDP broadcasts rank 0's weights at the start, so every process begins
+equal. Rank 0 writes checkpoints, logs and the output (the checkpoint format is the single-process one, so a
+run resumes on any number of processes). Every process evaluates (evaluation is not split yet).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def setup(device: str) -> torch.device | None:
+    """Join the process group torchrun describes (gloo on CPUs, NCCL on GPUs); the device this process
+    trains on, or None when one process runs alone."""
+    if processes() <= 1:
+        return None
+    cuda = device != "cpu" and torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def same_everywhere(value):
+    """Rank 0's value, on every process (a run directory each process would otherwise choose alone)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Each value summed over the processes (one exchange)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class LossModule(nn.Module):
+    """The objective's loss as a module, so DDP's forward runs it and its reducer sees every parameter."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict):
+        return self.loss_fn(self.model, batch)
+
+
+def wrap(model: nn.Module, loss_fn: Callable, device: torch.device) -> tuple[Callable, Callable]:
+    """The loss through DDP, and the context that skips its gradient exchange (accumulation)."""
+    ddp = nn.parallel.DistributedDataParallel(
+        LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True)  # an objective may leave a trainable part out of a step (PPO's value head)
+    return (lambda _model, batch: ddp(batch)), ddp.no_sync
+
+
+def no_sync_for(no_sync: Callable | None, last: bool):
+    return no_sync() if no_sync and not last else contextlib.nullcontext()
