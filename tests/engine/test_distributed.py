@@ -113,3 +113,25 @@ def test_each_process_collates_its_share_of_every_batch(tokenizer, orders_data):
             width = min(part["input_ids"].shape[1], full["input_ids"].shape[1])
             torch.testing.assert_close(part["input_ids"][0, :width], full["input_ids"][r, :width])
     assert ghosts == 1
+
+
+@pytest.mark.parametrize("objective", ["dpo", "classify"])
+def test_other_objectives_train_on_two_processes_as_on_one(tiny_recipe, tmp_path, objective):
+    from unitune.tasks import orders
+
+    if objective == "dpo":
+        data = orders.write_preferences(tmp_path / "pairs", n_train=16, n_val=4)
+        files = {"train": str(data / "train.jsonl"), "validation": str(data / "val.jsonl")}
+    else:
+        (tmp_path / "cls").mkdir()
+        for split, n in (("train", 40), ("val", 8)):
+            rows = "".join(json.dumps({"text": f"order {i} {'late' if i % 3 else 'fine'} box", "label":
+                                       "late" if i % 3 else "fine"}) + "\n" for i in range(n))
+            (tmp_path / "cls" / f"{split}.jsonl").write_text(rows)
+        files = {"train": str(tmp_path / "cls" / "train.jsonl"), "validation": str(tmp_path / "cls" / "val.jsonl")}
+    base = {**tiny_recipe, "objective": {"name": objective}, "data": {**files, "max_length": 128}}
+    one = unitune.train(_recipe(base, "one", batch_size=4))
+    done = _torchrun(_recipe(base, "two", batch_size=4), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = _train_losses(one.dir), _train_losses(one.dir.with_name("two"))
+    assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a), (a, b)
