@@ -331,6 +331,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
 
     no_sync = None
     if distributed.active():  # data parallelism: each process takes its share of every batch, DDP syncs gradients
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loaded.model.modules()):
+            if device.type == "cuda":  # batch statistics over the whole batch, as one process computes them
+                loaded.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loaded.model)
+            else:
+                print("unitune: batch norms normalise with each process's share of the batch (SyncBatchNorm needs "
+                      "GPUs): close to, not equal to, one process", flush=True)
         batches.shard = (distributed.rank(), distributed.processes())
         loss_fn, no_sync = distributed.wrap(loaded.model, loss_fn, device)
 
