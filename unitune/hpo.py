@@ -282,7 +282,8 @@ def write_results(study, search: Search, recipe_path: str, overrides: list[str],
         value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
                                                       if t.intermediate_values else None)
         last = max(t.intermediate_values) if t.intermediate_values else ""
-        cells = [_text(t.params[n]) if n in t.params else "" for n in names]
+        cells = [(f"{t.params[n]:.4g}" if isinstance(t.params[n], float) else _text(t.params[n])) if n in t.params
+                 else "" for n in names]
         lines.append(f"| {t.number} | {t.state.name.lower()} | " + " | ".join(cells) +
                      f" | {'' if value is None else f'{value:.4f}'} | {last} | {t.user_attrs.get('seconds', '')} |")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
