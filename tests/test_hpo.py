@@ -62,6 +62,10 @@ def test_a_study_searches_the_space_and_writes_its_results(recipe_file, tmp_path
     assert (tmp_path / "study" / "history.png").stat().st_size > 1000
     assert (tmp_path / "study" / "importance.png").stat().st_size > 1000
 
+    more = hpo.run(str(recipe_file), str(_search(tmp_path, space=space, pruner="none")), trials=5)  # resumed
+    drawn = [t.params["train.lr"] for t in more.get_trials()]
+    assert len(drawn) == 5 and len(set(drawn)) == 5  # new values, not the first trials' again
+
 
 def test_method_fields_apply_to_the_methods_that_take_them(recipe_file, tmp_path):
     space = {"method.name": ["lora", "ia3"], "method.r": [2, 4]}  # ia3 has no rank

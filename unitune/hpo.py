@@ -213,9 +213,12 @@ def run(recipe_path: str, search_path: str, overrides: list[str] | None = None, 
                "hyperband": lambda: optuna.pruners.HyperbandPruner(
                    min_resource=recipe.train.eval_every or steps, max_resource=steps),
                "none": optuna.pruners.NopPruner}
-    # workers sharing a study (a server's storage) each draw their own values: one seed would repeat them
-    seed = search.seed if not search.storage else search.seed + os.getpid()
-    study = optuna.create_study(storage=_storage(search, study_dir), study_name=search.name, load_if_exists=True,
+    storage = _storage(search, study_dir)
+    # A resumed study, or workers sharing one (a server's storage), must not redraw the values drawn before:
+    # the seed moves on by the trials already there, and apart for each worker on a shared storage.
+    existing = next((s.n_trials for s in optuna.get_all_study_summaries(storage) if s.study_name == search.name), 0)
+    seed = search.seed + existing + (os.getpid() if search.storage else 0)
+    study = optuna.create_study(storage=storage, study_name=search.name, load_if_exists=True,
                                 direction=search.direction, sampler=samplers[search.sampler](seed=seed),
                                 pruner=pruners[search.pruner]())
     if orphans := _fail_orphans(study):
