@@ -181,5 +181,6 @@ def test_two_workers_share_one_study_in_postgresql(recipe_file, tmp_path, postgr
     assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outputs)
     trials = optuna.load_study(study_name="search", storage=postgres).get_trials()
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) >= 4 and len({t.params["train.lr"] for t in finished}) == len(finished)
+    assert len(finished) >= 4 and len({t.params["train.lr"] for t in finished}) == len(finished), \
+        [(t.number, t.params, t.user_attrs) for t in trials]
     assert all("trial " in o for o in outputs)  # both workers ran trials of the one study

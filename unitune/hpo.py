@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import io
 import math
 import os
@@ -217,7 +218,8 @@ def run(recipe_path: str, search_path: str, overrides: list[str] | None = None, 
     # A resumed study, or workers sharing one (a server's storage), must not redraw the values drawn before:
     # the seed moves on by the trials already there, and apart for each worker on a shared storage.
     existing = next((s.n_trials for s in optuna.get_all_study_summaries(storage) if s.study_name == search.name), 0)
-    seed = search.seed + existing + (os.getpid() if search.storage else 0)
+    mixed = f"{search.seed}:{existing}:{os.getpid() if search.storage else 0}"  # mixed, not summed: seed+1+pid
+    seed = int(hashlib.sha256(mixed.encode()).hexdigest()[:8], 16)            # would equal seed+0+(pid+1)
     study = optuna.create_study(storage=storage, study_name=search.name, load_if_exists=True,
                                 direction=search.direction, sampler=samplers[search.sampler](seed=seed),
                                 pruner=pruners[search.pruner]())

@@ -55,7 +55,11 @@ def test_preference_examples_round_trip(tokenizer, tmp_path):
     cfg = DataConfig(max_length=64)
     for path, objective in ((pairs, dpo), (unpaired, kto)):
         made = build.load_examples(str(path), cfg, tokenizer, objective.example, {}, cache=True)
-        assert cache.load(cache.key(str(path), build.file_digest(path), cfg, tokenizer, objective.example))[0] == made
+        again = cache.load(cache.key(str(path), build.file_digest(path), cfg, tokenizer, objective.example))[0]
+        assert again == made
+        # the conversation an objective keeps beside the fields (for generation-based evaluation) comes back too
+        kept = lambda examples: [getattr(e, "messages", None) for e in examples]  # noqa: E731
+        assert kept(again) == kept(made) and made[0].messages
 
 
 def test_a_damaged_entry_is_tokenized_again(tokenizer, tmp_path):

@@ -66,15 +66,17 @@ def save(name: str, examples: list, stats: dict) -> Path | None:
             not cls.__module__.startswith("unitune."):
         return None
     columns, encoded = {}, []
-    for f in dataclasses.fields(cls):
-        values = [getattr(e, f.name) for e in examples]
+    # the fields, and what an objective attached beside them (the conversation a pair's prompt came from)
+    attributes = list(dict.fromkeys(a for e in examples for a in vars(e)))
+    for a in attributes:
+        values = [getattr(e, a, None) for e in examples]
         if _is_ids(values):
-            columns[f.name] = pa.array(values, pa.list_(pa.int32()))
+            columns[a] = pa.array(values, pa.list_(pa.int32()))
         elif all(v is None or type(v) in (bool, int, float, str) for v in values):
-            columns[f.name] = pa.array(values)
+            columns[a] = pa.array(values)
         else:
-            columns[f.name] = pa.array([json.dumps(v) for v in values], pa.string())
-            encoded.append(f.name)
+            columns[a] = pa.array([json.dumps(v) for v in values], pa.string())
+            encoded.append(a)
     meta = {"class": f"{cls.__module__}:{cls.__qualname__}", "json": json.dumps(encoded), "stats": json.dumps(stats)}
     table = pa.table(columns).replace_schema_metadata(meta)
     path = root() / f"{name}.arrow"
@@ -103,5 +105,13 @@ def load(name: str) -> tuple[list, dict] | None:
                        else table.column(n).to_pylist()) for n in table.column_names}
     except (pa.ArrowInvalid, KeyError, AttributeError, ImportError, json.JSONDecodeError, OSError):
         return None  # unreadable (a foreign or damaged file): tokenize again and replace it
-    examples = [cls(**dict(zip(columns, values))) for values in zip(*columns.values())]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    examples = []
+    for values in zip(*columns.values()):
+        row = dict(zip(columns, values))
+        example = cls(**{k: v for k, v in row.items() if k in fields})
+        for k in row.keys() - fields:
+            if row[k] is not None:  # an attribute some examples have and others lack
+                setattr(example, k, row[k])
+        examples.append(example)
     return examples, json.loads(meta["stats"])
