@@ -152,10 +152,11 @@ def postgres(tmp_path):
     data = Path(tempfile.mkdtemp(prefix="unitune-pg-"))  # outside pytest's private tmp: the server user reads it
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: run the server as the package's postgres user
-        if shutil.which("runuser") is None:
+        runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        if runuser is None:
             pytest.skip("running as root without runuser")
         shutil.chown(data, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
+        as_user = [runuser, "-u", "postgres", "--"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
