@@ -22,7 +22,8 @@ def _recipe(tiny_recipe, name: str, **train) -> dict:
     return {**tiny_recipe, "method": {**tiny_recipe["method"], "dropout": 0.0},  # no RNG: the runs can be equal
             "train": {**tiny_recipe["train"], "steps": 4, "batch_size": 3, "grad_accum": 2, "lr": 1e-2,
                       "precision": "fp32", "device": "cpu", **train},
-            "eval": {"before": False, "generate": 0}, "output": {**tiny_recipe["output"], "name": name}}
+            "eval": {"before": False, "generate": 3, "max_new_tokens": 6, "batch_size": 2},  # split between processes
+            "output": {**tiny_recipe["output"], "name": name}}
 
 
 def _torchrun(recipe: dict, tmp_path: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -56,7 +57,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_pat
     one_log = [json.loads(x) for x in (one.dir / "metrics.jsonl").read_text().splitlines()]
     two_log = [json.loads(x) for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two_log] == [r["step"] for r in one_log]  # one log, written once, by rank 0
+    # the evaluation, split between the processes, gives the same figures as one process
     assert two_log[-1]["val_loss"] == pytest.approx(one_log[-1]["val_loss"], rel=1e-4)
+    assert two_log[-1]["contains_match"] == one_log[-1]["contains_match"]
+    assert (two_dir / "report.md").read_text().split("## Sample")[1] == (one.dir / "report.md").read_text().split(
+        "## Sample")[1]  # the same three answers, in the same order
 
 
 def test_a_two_process_run_killed_resumes_on_one_process(tiny_recipe, tmp_path):

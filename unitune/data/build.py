@@ -185,6 +185,8 @@ class Batches:
         return self.collate(self.examples, mine, self.pad_id, self.packing, self.max_length)
 
     def all(self):
-        """Every batch of one pass, in order (evaluation)."""
+        """Every batch of one pass, in order (evaluation); this process's share of each, under data parallelism."""
+        rank, processes = self.shard
         for rows in self.plan(0):
-            yield self.collate(self.examples, rows, self.pad_id, self.packing, self.max_length)
+            if mine := rows[rank::processes]:
+                yield self.collate(self.examples, mine, self.pad_id, self.packing, self.max_length)

@@ -14,7 +14,8 @@ The objectives call the model's parts (the backbone, the LM head in chunks), not
 the objective's loss as a module (`LossModule`): its forward is the loss, its parameters the model's, and
 DDP's reducer sees every gradient. DDP broadcasts rank 0's weights at the start, so every process begins
 equal. Rank 0 writes checkpoints, logs and the output (the checkpoint format is the single-process one, so a
-run resumes on any number of processes). Every process evaluates (evaluation is not split yet).
+run resumes on any number of processes). Evaluation is split too: each process scores its share of the
+validation batches and answers its share of the prompts, and every process gets the totals.
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ def same_everywhere(value):
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def gather(value) -> list:
+    """Every process's value, in rank order, on every process."""
+    if not active():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def all_sum(values: list[float]) -> list[float]:

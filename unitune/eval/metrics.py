@@ -8,6 +8,7 @@ import torch
 
 from unitune.data import Batches
 from unitune.data.tokenize import Example, prompt_and_reference
+from unitune.engine import distributed
 from unitune.engine.precision import autocast
 from unitune.generation import generate
 
@@ -18,6 +19,8 @@ def loss_metrics(model, batches: Batches, objective, cfg, ref, device, amp) -> d
     was_training = model.training
     model.eval()
     sums, n = {"loss": 0.0}, 0
+    if distributed.active():  # each process scores its share of the batches; the sums are exchanged below
+        batches.shard = (distributed.rank(), distributed.processes())
     for batch in batches.all():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, amp):
@@ -27,6 +30,10 @@ def loss_metrics(model, batches: Batches, objective, cfg, ref, device, amp) -> d
             sums[k] = sums.get(k, 0.0) + float(v)
         n += objective.count(batch)
     model.train(was_training)
+    if distributed.active():
+        keys = sorted(set().union(*distributed.gather(sorted(sums))))  # a process left without rows has fewer
+        totals = distributed.all_sum([n, *(sums.get(k, 0.0) for k in keys)])
+        n, sums = totals[0], dict(zip(keys, totals[1:]))
     means = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     summarize = getattr(objective, "summarize", None)
     return {**means, **(summarize(means) if summarize else {})}
@@ -51,7 +58,13 @@ def generation_metrics(model, tok, examples: list[Example], limit: int, max_new_
     if not chats:
         return {}, []
     prompts, refs = zip(*(prompt_and_reference(e.messages) for e in chats))
-    preds = generate(model, tok, list(prompts), max_new_tokens, temperature, batch_size=batch_size)
+    if distributed.active():  # each process answers its share; every process gets all the answers, in order
+        rank, processes = distributed.rank(), distributed.processes()
+        mine = generate(model, tok, list(prompts[rank::processes]), max_new_tokens, temperature, batch_size=batch_size)
+        shares = distributed.gather(mine)
+        preds = [shares[i % processes][i // processes] for i in range(len(prompts))]
+    else:
+        preds = generate(model, tok, list(prompts), max_new_tokens, temperature, batch_size=batch_size)
     samples = [{"prompt": p[-1]["content"], "reference": r, "prediction": g} for p, r, g in zip(prompts, refs, preds)]
     scores = match_scores(preds, list(refs))
     for spec in scorers:
