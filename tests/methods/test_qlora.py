@@ -312,11 +312,13 @@ def _write_random_model(path, config, tokenizer):
 
 
 LOAD_AND_MEASURE = """
-import functools, json, resource, sys
+import functools, json, sys
 from unitune.config import ModelConfig
 from unitune.methods import qlora
 from unitune.models import load_model
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+# VmHWM: this process's own peak since exec. ru_maxrss is not: the kernel carries the pre-exec peak over, and
+# a child forked (or vforked) from a large pytest process starts with the parent's RSS as its "peak".
+peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 before = peak()
 quantize = functools.partial(qlora.layer_quantizer, qlora.Config())
 model = load_model(ModelConfig(name=sys.argv[1]), quantize=quantize).model
