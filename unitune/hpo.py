@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from unitune import atomic
 from unitune.config import RecipeError, Section, load_recipe, save_recipe, validate_section

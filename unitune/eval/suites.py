@@ -17,8 +17,8 @@ import resource
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from unitune.config import RecipeError
 from unitune.generation import generate
