@@ -284,9 +284,8 @@ def write_results(study, search: Search, recipe_path: str, overrides: list[str],
              "| trial | state | " + " | ".join(names) + f" | {search.metric} | steps | seconds |",
              "|---:|---|" + "---|" * len(names) + "---:|---:|---:|"]
     for t in trials:
-        value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
-                                                      if t.intermediate_values else None)
-        last = max(t.intermediate_values) if t.intermediate_values else ""
+        last = max(t.intermediate_values, default="")  # the step a pruned trial stopped at, and its value there
+        value = t.value if t.value is not None else t.intermediate_values.get(last)
         cells = [(f"{t.params[n]:.4g}" if isinstance(t.params[n], float) else _text(t.params[n])) if n in t.params
                  else "" for n in names]
         lines.append(f"| {t.number} | {t.state.name.lower()} | " + " | ".join(cells) +

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
 
 from unitune import __version__, atomic
 
@@ -45,7 +46,7 @@ def _tokenizer_digest(tok) -> bytes:
 
 def key(path: str, file_digest: str, cfg, tok, to_example) -> str | None:
     """The entry's name, or None where nothing is cached (an image processor in the tokenizer's place)."""
-    if not hasattr(tok, "chat_template") or not hasattr(tok, "special_tokens_map") or not hasattr(tok, "get_vocab"):
+    if not isinstance(tok, PreTrainedTokenizerBase):
         return None
     h = hashlib.sha256(f"{VERSION} {__version__} {to_example.__module__}.{to_example.__qualname__}".encode())
     h.update(f"{path}\0{file_digest}".encode())

@@ -9,30 +9,18 @@ answered rows are kept in the run directory as replay.jsonl, read back on resume
 """
 from __future__ import annotations
 
-import importlib
 import json
 import random
 from pathlib import Path
 
-from unitune import atomic
+from unitune import atomic, tasks
 from unitune.config import Recipe
 from unitune.data.build import load_examples
 from unitune.data.files import Row, read_rows
 from unitune.generation import generate
 
-BUILTIN = {"chat": ("unitune.tasks.chat", "data/generated/replay/chat.jsonl")}
 MAX_NEW_TOKENS = 128  # a self-generated answer longer than this is dropped, not cut (cut answers teach not to stop)
 FILE = "replay.jsonl"
-
-
-def source(recipe: Recipe) -> Path:
-    name = recipe.data.replay_from
-    if name in BUILTIN:
-        module, file = BUILTIN[name]
-        if not Path(file).is_file():
-            importlib.import_module(module).write(Path(file).parent)
-        return Path(file)
-    return Path(name).expanduser()
 
 
 def _question(row: Row, system: str | None) -> list[dict] | None:
@@ -82,7 +70,7 @@ def examples(recipe: Recipe, tok, base, to_example, n_train: int, run_dir: Path,
     """The replay examples to add to `n_train` training examples, so they make up `data.replay` of the whole."""
     kept = run_dir / FILE
     if not kept.is_file():  # a resumed run reads the answers its start generated
-        rows = answered_rows(recipe, tok, base, source(recipe))
+        rows = answered_rows(recipe, tok, base, tasks.data_file(recipe.data.replay_from))
         atomic.write_text(kept, "".join(json.dumps(r) + "\n" for r in rows))
     data = recipe.data.model_copy(update={"format": "auto", "max_examples": None})
     pool = load_examples(str(kept), data, tok, to_example, {})

@@ -92,6 +92,15 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_dict(sums: dict[str, float]) -> dict[str, float]:
+    """Each key's value summed over the processes; a key some process lacks counts 0 there (a process left
+    without rows has fewer keys)."""
+    if not active():
+        return sums
+    keys = sorted(set().union(*gather(sorted(sums))))
+    return dict(zip(keys, all_sum([sums.get(k, 0.0) for k in keys])))
+
+
 class LossModule(nn.Module):
     """The objective's loss as a module, so DDP's forward runs it and its reducer sees every parameter."""
 

@@ -75,15 +75,20 @@ class History:
     def truncate_after(self, step: int) -> None:
         """On resume, drop what the interrupted run logged past its last checkpoint (and a torn line)."""
         if self.path and self.path.is_file():
-            kept = []
-            for line in self.path.read_text(errors="replace").splitlines():
-                try:
-                    kept.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # the line a kill cut short
-            self.records = [r for r in kept if r.get("step", 0) <= step]
+            self.records = [r for r in read_log(self.path) if r.get("step", 0) <= step]
             if is_main_process():
                 atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, less a last line a kill cut short."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -229,10 +234,10 @@ def train_loop(
                 into = step_seen if k.startswith("seen_") else sums
                 into[k] = into.get(k, 0.0) + float(v) * weight / processes
         if processes > 1:  # what every process saw, for the log
-            keys = sorted(sums) + sorted(step_seen)
-            totals = distributed.all_sum([step_loss, *(sums.get(k, step_seen.get(k)) for k in keys)])
-            step_loss, values = totals[0], dict(zip(keys, totals[1:]))
-            sums, step_seen = {k: values[k] for k in sums}, {k: values[k] for k in step_seen}
+            totals = distributed.sum_dict({"": step_loss, **sums, **step_seen})
+            step_loss = totals.pop("")
+            sums = {k: v for k, v in totals.items() if not k.startswith("seen_")}
+            step_seen = {k: v for k, v in totals.items() if k.startswith("seen_")}
         for key, v in step_seen.items():
             seen[key[5:]] = seen.get(key[5:], 0.0) + v
         if scaler:

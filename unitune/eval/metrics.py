@@ -31,9 +31,8 @@ def loss_metrics(model, batches: Batches, objective, cfg, ref, device, amp) -> d
         n += objective.count(batch)
     model.train(was_training)
     if distributed.active():
-        keys = sorted(set().union(*distributed.gather(sorted(sums))))  # a process left without rows has fewer
-        totals = distributed.all_sum([n, *(sums.get(k, 0.0) for k in keys)])
-        n, sums = totals[0], dict(zip(keys, totals[1:]))
+        sums = distributed.sum_dict({**sums, "": n})
+        n = sums.pop("")
     means = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     summarize = getattr(objective, "summarize", None)
     return {**means, **(summarize(means) if summarize else {})}

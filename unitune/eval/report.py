@@ -152,17 +152,13 @@ def _read_run(path: Path) -> tuple[dict, list[dict]]:
     """A run directory's recipe (flattened) and logged records (a torn last line skipped)."""
     import yaml
 
+    from unitune.engine.loop import read_log
     from unitune.engine.resume import flatten
 
     log = path / "metrics.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl here; name run directories (runs/<name>) that trained")
-    records = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_log(log)
     recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
     return flatten(recipe or {}), records
 

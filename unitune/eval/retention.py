@@ -9,17 +9,13 @@ the loss of its answers (mean over answer tokens) and the contains / exact match
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
+from unitune import tasks
 from unitune.config import Recipe, RecipeError
 from unitune.data import Batches
 from unitune.data.build import load_examples
 from unitune.eval import suites
 from unitune.eval.metrics import generation_metrics, loss_metrics
 from unitune.objectives import sft
-
-BUILTIN = {"general": ("unitune.tasks.retention", "data/generated/retention/general.jsonl")}
 
 
 def load_sets(recipe: Recipe, tok) -> dict[str, list | suites.Suite]:
@@ -36,12 +32,7 @@ def load_sets(recipe: Recipe, tok) -> dict[str, list | suites.Suite]:
             suite = suites.load(source, recipe.eval.suite_size, recipe.train.seed)
             sets[suite.name] = suite
             continue
-        path = Path(source).expanduser()
-        if source in BUILTIN:
-            module, file = BUILTIN[source]
-            path = Path(file)
-            if not path.is_file():
-                importlib.import_module(module).write(path.parent)
+        path = tasks.data_file(source)
         data = recipe.data.model_copy(update={"format": "auto", "max_examples": None})
         sets[path.stem] = load_examples(str(path), data, tok, sft.example, {})
     return sets
