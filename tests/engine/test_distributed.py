@@ -2,6 +2,7 @@
 2-process run resumes on 1 process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,6 +65,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_pat
         "## Sample")[1]  # the same three answers, in the same order
 
 
+def _running(arg: str) -> list[int]:
+    """The processes whose command line holds `arg` (zombies excluded)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and arg.encode() in (proc / "cmdline").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
 def test_a_two_process_run_killed_resumes_on_one_process(tiny_recipe, tmp_path):
     from unitune.engine import checkpoint
 
@@ -77,8 +89,12 @@ def test_a_two_process_run_killed_resumes_on_one_process(tiny_recipe, tmp_path):
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not [s for s in checkpoint.list_checkpoints(ckpts) if s >= 4]:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun, mid-run; its workers (in sessions of their own) follow it
     proc.wait()
+    deadline = time.time() + 30
+    while _running(str(path)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _running(str(path)), "workers outlived their launcher"
     saved = checkpoint.list_checkpoints(ckpts)
     assert saved and saved[-1] < 30, saved  # killed before the end
 

@@ -20,7 +20,10 @@ validation batches and answers its share of the prompts, and every process gets 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable
 
 import torch
@@ -45,6 +48,7 @@ def setup(device: str) -> torch.device | None:
     trains on, or None when one process runs alone."""
     if processes() <= 1:
         return None
+    _die_with_launcher()
     cuda = device != "cpu" and torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -53,6 +57,19 @@ def setup(device: str) -> torch.device | None:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a launcher killed outright (SIGKILL, OOM
+    killer) would leave the workers training and writing into the run directory, under a resumed run. Ask
+    Linux to kill this worker when its launcher dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher or launcher == 1:  # it died before the request took effect
+        os._exit(1)
 
 
 def teardown() -> None:
