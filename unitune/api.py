@@ -329,7 +329,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     def loss_fn(model, batch):  # looked up at each call, so a test may wrap the objective's loss
         return objective.loss(model, batch, recipe.objective, ref)
 
-    no_sync = None
+    no_sync = root = None
     if distributed.active():  # data parallelism: each process takes its share of every batch, DDP syncs gradients
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loaded.model.modules()):
             if device.type == "cuda":  # batch statistics over the whole batch, as one process computes them
@@ -338,7 +338,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
                 print("unitune: batch norms normalise with each process's share of the batch (SyncBatchNorm needs "
                       "GPUs): close to, not equal to, one process", flush=True)
         batches.shard = (distributed.rank(), distributed.processes())
-        loss_fn, no_sync = distributed.wrap(loaded.model, loss_fn, device)
+        if recipe.train.distributed == "fsdp":  # shard weights, gradients and optimizer state
+            loss_fn, no_sync, root = distributed.shard(loaded.model, loss_fn)
+            evaluate = _gathered(evaluate, root) if evaluate else None
+        else:
+            loss_fn, no_sync = distributed.wrap(loaded.model, loss_fn, device)
 
     anchor = Anchor(loaded.model, recipe.train.l2_sp, loaded.head) if recipe.train.l2_sp else None
     history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
@@ -346,6 +350,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
                          lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor, on_eval=on_eval,
                          no_sync=no_sync)
     run.history = history.records
+    if root is not None:
+        distributed.consolidate(root)  # the model whole again: the output, report and samples as one process's
     for name in getattr(objective, "TRAINED_BESIDE", ()):  # PPO's value head: kept in the run, not in the output
         head = loaded.model._modules.pop(name)
         if is_main_process():
@@ -374,6 +380,13 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     if distributed.active():
         distributed.barrier()  # every process ends after rank 0's output is written
         distributed.teardown()
+    return run
+
+
+def _gathered(evaluate, root):
+    def run():
+        with distributed.whole(root):
+            return evaluate()
     return run
 
 

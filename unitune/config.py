@@ -103,6 +103,7 @@ class TrainConfig(Section):
     l2_sp: float = Field(0.0, ge=0)  # forgetting: L2 penalty towards the starting weights (engine/anchor.py)
     lean_cpu_memory: bool = False  # CPU: freed activations go straight back to the OS (~30% lower peak, ~20% slower)
     device: str = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate the model (DDP) or shard it (FSDP2)
     seed: int = 0
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)

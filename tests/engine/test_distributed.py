@@ -40,13 +40,16 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("batch_size,grad_accum", [(3, 2), (47, 1)])  # accumulation; a last batch of one row
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_path, batch_size, grad_accum):
-    shape = {"batch_size": batch_size, "grad_accum": grad_accum}
+@pytest.mark.parametrize("batch_size,grad_accum,strategy", [
+    (3, 2, "ddp"), (47, 1, "ddp"),  # accumulation; a last batch of one row
+    (3, 2, "fsdp")])  # sharded: the same figures
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_path, batch_size, grad_accum, strategy):
+    shape = {"batch_size": batch_size, "grad_accum": grad_accum, "distributed": strategy}
     one = unitune.train(_recipe(tiny_recipe, "one", **shape))
     done = _torchrun(_recipe(tiny_recipe, "two", **shape), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two_dir = one.dir.with_name("two")
+    assert ("unitune: fsdp: 2 blocks and the root sharded over 2 processes" in done.stdout) == (strategy == "fsdp")
     assert not two_dir.with_name("two-2").exists()  # both processes wrote to the one run directory
     a, b = _train_losses(one.dir), _train_losses(two_dir)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
@@ -63,6 +66,40 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_recipe, tmp_pat
     assert two_log[-1]["contains_match"] == one_log[-1]["contains_match"]
     assert (two_dir / "report.md").read_text().split("## Sample")[1] == (one.dir / "report.md").read_text().split(
         "## Sample")[1]  # the same three answers, in the same order
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_sharded_run_resumes_on_one_process_and_the_other_way(tiny_recipe, tmp_path, method):
+    """FSDP checkpoints are consolidated: 2 sharded processes continue a 1-process run, 1 process continues a
+    sharded one, and both end where an uninterrupted run does."""
+    import shutil
+
+    shape = {"steps": 4, "save_every": 2, "keep_checkpoints": 2}
+    def recipe(name, **train):
+        r = _recipe(tiny_recipe, name, **shape, **train)
+        return {**r, "method": {"name": "full"}} if method == "full" else r
+
+    straight = unitune.train(recipe("straight"))
+    cut = lambda run: shutil.rmtree(run / "checkpoints" / "step-4")  # noqa: E731  (killed after step 3)
+    shutil.copytree(straight.dir, straight.dir.with_name("onto-two"))
+    cut(straight.dir.with_name("onto-two"))
+    done = _torchrun(recipe("onto-two", distributed="fsdp"), tmp_path, "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "fsdp:" in done.stdout
+    done = _torchrun(recipe("sharded", distributed="fsdp"), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cut(straight.dir.with_name("sharded"))
+    onto_one = unitune.train(recipe("sharded"), resume=True)
+    output = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    want = load_file(straight.dir / output)
+    for run in ("onto-two", "sharded"):
+        losses = _train_losses(straight.dir.with_name(run))
+        assert losses == pytest.approx(_train_losses(straight.dir), rel=1e-5), run
+        got = load_file(straight.dir.with_name(run) / output)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+    assert onto_one.dir == straight.dir.with_name("sharded")
 
 
 def _running(arg: str) -> list[int]:
@@ -136,8 +173,9 @@ def test_each_process_collates_its_share_of_every_batch(tokenizer, orders_data):
     assert ghosts == 1
 
 
-@pytest.mark.parametrize("objective", ["dpo", "classify"])
-def test_other_objectives_train_on_two_processes_as_on_one(tiny_recipe, tmp_path, objective):
+@pytest.mark.parametrize("objective,strategy", [("dpo", "ddp"), ("classify", "ddp"), ("dpo", "fsdp"),
+                                                ("classify", "fsdp")])
+def test_other_objectives_train_on_two_processes_as_on_one(tiny_recipe, tmp_path, objective, strategy):
     from unitune.tasks import orders
 
     if objective == "dpo":
@@ -152,7 +190,7 @@ def test_other_objectives_train_on_two_processes_as_on_one(tiny_recipe, tmp_path
         files = {"train": str(tmp_path / "cls" / "train.jsonl"), "validation": str(tmp_path / "cls" / "val.jsonl")}
     base = {**tiny_recipe, "objective": {"name": objective}, "data": {**files, "max_length": 128}}
     one = unitune.train(_recipe(base, "one", batch_size=4))
-    done = _torchrun(_recipe(base, "two", batch_size=4), tmp_path)
+    done = _torchrun(_recipe(base, "two", batch_size=4, distributed=strategy), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     a, b = _train_losses(one.dir), _train_losses(one.dir.with_name("two"))
     assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a), (a, b)

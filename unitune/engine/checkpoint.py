@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unitune import atomic
+from unitune.engine import distributed
 
 STEP = re.compile(r"step-(\d+)")
 
@@ -56,15 +57,16 @@ def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / "weights.safetensors")
 
 
-def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, trainer: dict, keep: int,
-         source: dict[str, torch.Tensor] | None = None) -> Path:
-    """`source`: a batch source's own tensors (an online objective's rollout buffer), beside its cursor."""
+def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict, scheduler, trainer: dict,
+         keep: int, source: dict[str, torch.Tensor] | None = None) -> Path:
+    """`optimizer`: its state dict (whole, gathered from the shards under FSDP); `source`: a batch source's own
+    tensors (an online objective's rollout buffer), beside its cursor."""
     final = ckpt_dir / f"step-{step}"
     with atomic.directory(final) as tmp:
         save_weights(weights, tmp)
         if source:
             save_file({k: v.contiguous() for k, v in source.items()}, tmp / "source.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         plain, tensors = rng_state()
         save_file(tensors, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "rng": plain}))
@@ -85,7 +87,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for k, v in load_file(path / "weights.safetensors").items():
-            params[k].copy_(v)
+            params[k].copy_(distributed.like(v, params[k]))  # under FSDP: this process's shard
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[int]:
@@ -99,6 +101,7 @@ def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     load_weights(path, model)
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
+    distributed.shard_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     trainer = json.loads((path / "trainer.json").read_text())
     set_rng_state(trainer.pop("rng"), load_file(path / "rng.safetensors"))

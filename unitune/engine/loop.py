@@ -184,17 +184,20 @@ def train_loop(
             return False
         better = state["best"] is None or (value < state["best"] if cfg.early_stopping_mode == "min" else value > state["best"])
         state["best"], state["bad_evals"] = (value, 0) if better else (state["best"], state["bad_evals"] + 1)
-        if better and is_main_process():
-            checkpoint.save_best(ckpt_dir, step, kept, record)
+        if better:
+            weights = {k: distributed.full(v) for k, v in kept.items()}  # every process: FSDP gathers
+            if is_main_process():
+                checkpoint.save_best(ckpt_dir, step, weights, record)
         return state["bad_evals"] >= cfg.early_stopping_patience
 
     def save(step: int) -> None:
+        weights, optimizer_state = distributed.full_state(kept, optimizer)  # every process: FSDP gathers
         if is_main_process():
             state["cursor"] = batches.cursor
             tensors = None
             if hasattr(batches, "state"):
                 state["source"], tensors = batches.state()
-            checkpoint.save(ckpt_dir, step, kept, optimizer, scheduler, state, cfg.keep_checkpoints, tensors)
+            checkpoint.save(ckpt_dir, step, weights, optimizer_state, scheduler, state, cfg.keep_checkpoints, tensors)
 
     def stop_non_finite(what: str) -> None:
         last = checkpoint.list_checkpoints(ckpt_dir)
@@ -246,7 +249,8 @@ def train_loop(
             sums["drift"] = anchor.pull() * n  # ||theta - theta_0||, logged with the means over n
         # The norm is needed either way: a finite loss can still give NaN/inf gradients, and one
         # optimizer step with them would turn every weight (and the next checkpoint) into NaN.
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm or math.inf).item()
+        grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_([p for _, p in trainable],
+                                                                     cfg.max_grad_norm or math.inf)).item()
         if not math.isfinite(grad_norm) and not scaler:  # fp16's scaler skips such steps by design
             stop_non_finite(f"the gradient norm became {grad_norm} at step {step}")
         if scaler:

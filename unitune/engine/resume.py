@@ -18,7 +18,7 @@ from unitune.config import Recipe, RecipeError
 # (Evaluation runs in eval mode under no_grad and greedy decoding draws no random numbers.)
 HARMLESS = {"train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
             "eval.before", "eval.generate", "eval.max_new_tokens", "eval.batch_size", "output.overwrite",
-            "data.cache", "data.num_proc"}
+            "data.cache", "data.num_proc", "train.distributed"}  # DDP and FSDP compute the same steps
 FINGERPRINT = "data-fingerprint.json"
 
 

@@ -1,0 +1,1 @@
+"""Privacy: personal data scrubbed from training rows before a model can learn it (scrub.py)."""
