@@ -28,7 +28,7 @@ from unitune.data.formats import template_roles
 from unitune.data.packing import packs_exactly
 from unitune.engine import distributed, resume as resuming
 from unitune.engine.anchor import Anchor
-from unitune.engine.loop import is_main_process, train_loop
+from unitune.engine.loop import is_main_process, total_steps, train_loop
 from unitune.engine.memory import tune_cpu_allocator
 from unitune.engine.precision import pick_device, resolve_precision
 from unitune.engine.precompute import precompute_for_run
@@ -41,6 +41,7 @@ from unitune.models import LoadedModel, image_kind, load_model, saved_kind, visi
 from unitune.models.loader import load_tokenizer, model_path
 from unitune.objectives import OBJECTIVES
 from unitune.objectives.reward import rewards
+from unitune.privacy import dp
 from unitune.rl.rewards import load_function
 
 
@@ -310,8 +311,16 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         print(f"unitune: replay: {data.stats['replay_examples']} examples from {recipe.data.replay_from} "
               f"({data.stats['replay_pool']} distinct) join {len(data.train) - data.stats['replay_examples']} "
               "training examples", flush=True)
-    batches = None if hasattr(objective, "source") else \
-        _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
+    private = None
+    if recipe.privacy.enabled:  # DP-SGD: Poisson-sampled examples, each gradient clipped, noise
+        dp.check(recipe, loaded.model, objective, distributed.processes())
+        batches = dp.PoissonBatches(data.train, recipe.train.batch_size, loaded.tokenizer.pad_token_id,
+                                    recipe.data.max_length, recipe.train.seed, objective.collate)
+        private = dp.DPSGD(recipe.privacy, batches, total_steps(recipe.train, len(batches)))
+        print(f"unitune: {private.describe()}", flush=True)
+    else:
+        batches = None if hasattr(objective, "source") else \
+            _batches(recipe, data.train, loaded.tokenizer.pad_token_id, recipe.train.batch_size, loaded.model)
     ref = None
     if getattr(recipe.objective, "precompute_ref", False):
         # the model has not trained yet (a resumed one loads its checkpoint in the loop), so it is its own reference
@@ -348,7 +357,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     history = train_loop(loaded.model, loss_fn, objective.count, batches, recipe.train, run_dir, evaluate, device,
                          amp, resume=resume, eval_at_start=recipe.eval.before,
                          lr_scale=lr_scale(recipe.method, recipe.train.lr), anchor=anchor, on_eval=on_eval,
-                         no_sync=no_sync)
+                         no_sync=no_sync, private=private)
     run.history = history.records
     if root is not None:
         distributed.consolidate(root)  # the model whole again: the output, report and samples as one process's
@@ -375,6 +384,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
                  f"({recipe.train.early_stopping_metric}={history.best[recipe.train.early_stopping_metric]:.4f})"
                  ] if history.best else []
         notes += retention.summary(run.before, run.metrics)
+        if private:
+            notes.append(f"{private.describe()}; spent: epsilon {private.epsilon():.3f}")
         write_report(run_dir, table, samples, data.stats, run.params, notes)
         print(f"\n{table}\n\nunitune: saved {run.output} and {run_dir / 'report.md'}", flush=True)
     if distributed.active():

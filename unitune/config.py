@@ -75,6 +75,10 @@ class DataConfig(Section):
     # base model before training (self-generated replay, kept in the run as replay.jsonl)
     replay: float = Field(0.0, ge=0.0, lt=1.0)
     replay_from: str = "chat"
+    # personal data replaced by placeholders in every row before tokenizing (privacy/scrub.py): true for every
+    # kind (person names where a spaCy pipeline is installed), or a list of kinds; the counts join the data stats
+    scrub: bool | list[Literal["email", "phone", "card", "iban", "ip", "person"]] = False
+    scrub_names_model: str | None = None  # the spaCy pipeline for names; default: en_core_web_sm if installed
 
     @field_validator("crop_scale")
     @classmethod
@@ -137,6 +141,19 @@ class OutputConfig(Section):
     overwrite: bool = False  # start afresh even if the run directory holds checkpoints
 
 
+class PrivacyConfig(Section):
+    """DP-SGD (privacy/dp.py): on when `noise_multiplier` or `target_epsilon` is set."""
+    noise_multiplier: float | None = Field(None, ge=0)  # sigma: the noise's std over the clipping norm
+    target_epsilon: float | None = Field(None, gt=0)  # or: the sigma that spends this epsilon over the run
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)  # C: each example's gradient clipped to this norm
+    accountant: Literal["prv", "rdp"] = "prv"  # Opacus's accountants: PRV is tighter, RDP the classic bound
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+
 class Recipe(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -145,6 +162,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -131,7 +131,9 @@ def train_loop(
     anchor: Anchor | None = None,
     on_eval: Callable[[int, dict], None] | None = None,
     no_sync: Callable | None = None,
+    private=None,
 ) -> History:
+    """`private`: DP-SGD (privacy/dp.py), which computes each step's gradient from its Poisson-sampled examples."""
     steps = total_steps(cfg, len(batches))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
     optimizer = make_optimizer(model, cfg, lr_scale)
@@ -153,6 +155,11 @@ def train_loop(
         state.update(checkpoint.load(ckpt_dir / f"step-{saved[-1]}", model, optimizer, scheduler))
         start = state.pop("step")
         batches.cursor = state["cursor"]
+        if private:  # the privacy already spent goes on counting, or the reported epsilon would be too low
+            if "privacy" not in state:
+                raise RecipeError(f"{ckpt_dir / f'step-{start}'} holds no privacy accountant state (a run trained "
+                                  "without privacy): start afresh with output.overwrite=true")
+            private.accountant.history = [tuple(h) for h in state.pop("privacy")]
         if hasattr(batches, "restore"):  # a batch source with state of its own (an online objective's buffer)
             batches.restore(state.pop("source", None), state.pop("source_tensors", {}))
         history.truncate_after(start)
@@ -194,6 +201,8 @@ def train_loop(
         weights, optimizer_state = distributed.full_state(kept, optimizer)  # every process: FSDP gathers
         if is_main_process():
             state["cursor"] = batches.cursor
+            if private:
+                state["privacy"] = private.accountant.history
             tensors = None
             if hasattr(batches, "state"):
                 state["source"], tensors = batches.state()
@@ -214,14 +223,26 @@ def train_loop(
     # what the objective counts as throughput (`seen_tokens`, `seen_examples`): logged as <unit>_per_s
     seen: dict[str, float] = {}
     train_time, elapsed = 0.0, 0.0
+
+    def example_loss(example: dict):  # DP-SGD: one example's loss, for its own gradient
+        example = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in example.items()}
+        with autocast(device, amp):
+            return loss_fn(model, example)
+
     step = start
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         micro = [batches.next() for _ in range(cfg.grad_accum)]
         fetch = time.perf_counter() - t0  # an online objective generates here: not training time
         # the whole step's count, over every process (data parallelism: each holds a share of each batch)
-        n = max(distributed.all_sum([sum(0 if b.get("ghost") else count(b) for b in micro)])[0], 1)
+        n = 1 if private else max(distributed.all_sum([sum(0 if b.get("ghost") else count(b) for b in micro)])[0], 1)
         step_loss, sums, step_seen = 0.0, {}, {}
+        if private:  # each example's gradient clipped, noise added (grad_accum is 1)
+            step_loss, sums, n, clipped = private.step([p for _, p in trainable], micro.pop(), example_loss, count,
+                                                       lambda what: stop_non_finite(f"{what} at step {step}"))
+            n = max(n, 1)  # a Poisson draw may be empty: the step is noise alone
+            sums["clipped"] = clipped * n  # the fraction of examples clipped, logged over n like the other sums
+            step_seen = {k: sums.pop(k) for k in list(sums) if k.startswith("seen_")}
         for j, batch in enumerate(micro):
             weight = 0.0 if batch.pop("ghost", False) else processes  # DDP averages: scale by the processes
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -249,8 +270,8 @@ def train_loop(
             sums["drift"] = anchor.pull() * n  # ||theta - theta_0||, logged with the means over n
         # The norm is needed either way: a finite loss can still give NaN/inf gradients, and one
         # optimizer step with them would turn every weight (and the next checkpoint) into NaN.
-        grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_([p for _, p in trainable],
-                                                                     cfg.max_grad_norm or math.inf)).item()
+        max_norm = math.inf if private or not cfg.max_grad_norm else cfg.max_grad_norm  # DP clips each example
+        grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], max_norm)).item()
         if not math.isfinite(grad_norm) and not scaler:  # fp16's scaler skips such steps by design
             stop_non_finite(f"the gradient norm became {grad_norm} at step {step}")
         if scaler:
@@ -266,9 +287,12 @@ def train_loop(
         record = {"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": grad_norm, **{f"{unit}_per_s": v / train_time for unit, v in seen.items()},
                   "elapsed_s": elapsed, **{k: v / n for k, v in sums.items()}}
+        if private:
+            record["epsilon"] = private.epsilon()
         if step % cfg.log_every == 0 or step == steps:
             history.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
+                        **({"eps": f"{record['epsilon']:.2f}"} if private else {}),
                         **{f"{unit}_s": f"{v / train_time:.{0 if v >= 10 * train_time else 2}f}"
                            for unit, v in seen.items()})  # a detector's few images/s keep their decimals
         bar.update(1)
