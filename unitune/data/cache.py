@@ -3,10 +3,10 @@
 A data file's examples are stored once as an Arrow IPC file under ~/.cache/unitune/data (`UNITUNE_CACHE` or
 `XDG_CACHE_HOME` move it), keyed by everything that shapes them: the file's path as given (examples name
 their `file:line`) and content (not its date), the tokenizer (its vocabulary, merges, special tokens and chat template), the data fields that change an
-example (format, max_length, truncation, loss_on, system_prompt, ...), the objective's example function and
-unitune's cache version. Any change is a new key; nothing stale is ever read. A cache file is written under a
-temp name and renamed in whole, so a kill leaves no half-written entry. It is read memory-mapped. Image data
-is not cached (images are decoded, not tokenized).
+example (format, max_length, truncation, loss_on, system_prompt, ...; data.scrub as it resolves on this machine),
+the objective's example function and unitune's cache version. Any change is a new key; nothing stale is ever
+read. A cache file is written under a temp name and renamed in whole, so a kill leaves no half-written entry.
+It is read memory-mapped. Image data is not cached (images are decoded, not tokenized).
 
 The examples are dataclasses (data/tokenize.py, data/preference.py): their token-id fields are stored as Arrow
 lists of int32, scalars as themselves, anything else (a conversation) as JSON text.
@@ -51,6 +51,10 @@ def key(path: str, file_digest: str, cfg, tok, to_example) -> str | None:
     h = hashlib.sha256(f"{VERSION} {__version__} {to_example.__module__}.{to_example.__qualname__}".encode())
     h.update(f"{path}\0{file_digest}".encode())
     h.update(json.dumps({k: getattr(cfg, k) for k in SHAPING}, sort_keys=True, default=str).encode())
+    if cfg.scrub:  # as it resolves here: a names pipeline installed later must not read rows scrubbed without it
+        from unitune.privacy.scrub import resolve
+
+        h.update(json.dumps(resolve(cfg.scrub, cfg.scrub_names_model), sort_keys=True).encode())
     h.update(_tokenizer_digest(tok))
     return h.hexdigest()[:40]
 

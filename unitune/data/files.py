@@ -1,5 +1,6 @@
 """Read rows from local files: JSONL, JSON, CSV/TSV, Parquet, a `datasets` save_to_disk directory, an image
 folder (one subfolder of images per class: rows of `image` path and `label`), or COCO annotations (data/coco.py).
+Rows go back to JSONL, JSON, CSV/TSV or Parquet with `write_rows` (`unitune scrub`).
 
 Every row keeps where it came from (file and line) so a bad one can be named precisely. Text files
 must be UTF-8, with or without a byte-order mark; JSON is read strictly (no duplicate keys, no NaN),
@@ -16,6 +17,8 @@ import json.scanner
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from unitune import atomic
 
 
 class DataError(ValueError):
@@ -261,3 +264,42 @@ def _read_datasets_dir(path: Path) -> list[Row]:
             raise DataError(f"{path}: a DatasetDict without a 'train' split (it has {list(ds)}); save the split as 'train'")
         ds = ds["train"]
     return _records(ds.to_list(), ds.column_names, path)
+
+
+def write_rows(path: str | Path, rows: list[Row]) -> None:
+    """The rows' data, written atomically in the format `path`'s suffix names: a .json file holds one list of
+    objects; a Parquet file keeps the schema of the Parquet file the rows were read from."""
+    path = Path(path).expanduser()
+    writers = {".jsonl": _write_json_lines, ".ndjson": _write_json_lines, ".json": _write_json, ".csv": _write_csv,
+               ".tsv": _write_csv, ".parquet": _write_parquet}
+    suffix = path.suffix.lower()
+    if suffix not in writers:
+        raise DataError(f"{path}: cannot write '{suffix}' files; use one of {', '.join(writers)}")
+    writers[suffix](path, rows)
+
+
+def _write_json_lines(path: Path, rows: list[Row]) -> None:
+    atomic.write_text(path, "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _write_json(path: Path, rows: list[Row]) -> None:
+    atomic.write_text(path, json.dumps([r.data for r in rows], ensure_ascii=False, indent=1) + "\n")
+
+
+def _write_csv(path: Path, rows: list[Row]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(rows[0].data), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(r.data for r in rows)
+    atomic.write_text(path, text.getvalue())
+
+
+def _write_parquet(path: Path, rows: list[Row]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = rows[0].file
+    schema = pq.read_schema(source) if source and source.suffix.lower() == ".parquet" else None
+    with atomic.temp_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist([r.data for r in rows], schema=schema), tmp)

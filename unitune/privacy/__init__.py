@@ -1,1 +1,2 @@
-"""Privacy: personal data scrubbed from training rows before a model can learn it (scrub.py)."""
+"""Privacy: differentially private training (dp.py), personal data scrubbed from training rows (scrub.py),
+canaries planted in training data (canary.py) and the audit of what a tuned model gives away (audit.py)."""
