@@ -81,6 +81,18 @@ def write(out_dir: str | Path, n_train: int = 800, n_val: int = 64, seed: int = 
     return _write_splits(out_dir, n_train, n_val, seed, make_row)
 
 
+def write_with_canaries(out_dir: str | Path, n_train: int = 400, n_val: int = 200, seed: int = 1234) -> Path:
+    """The task with canaries planted (privacy/canary.py): 2 secrets each repeated 1, 4 and 16 times among
+    `n_train` orders (train.jsonl, described in train.jsonl.canaries.json); `n_val` held-out orders are the
+    membership audit's non-members."""
+    from unitune.privacy import canary
+
+    out = _write_splits(out_dir, n_train, n_val, seed, make_row)
+    (out / "train.jsonl").replace(out / "orders.jsonl")
+    canary.insert(out / "orders.jsonl", out / "train.jsonl", repeats=[1, 4, 16], per_repeat=2, seed=seed)
+    return out
+
+
 def corrupt(rng: random.Random, answer: str) -> str:
     """A wrong answer of the kinds the base model and half-trained models give."""
     order = json.loads(answer)
