@@ -187,12 +187,9 @@ def _fsdp_modules(root: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def whole(root: nn.Module | None):
+def whole(root: nn.Module):
     """The model gathered on every process, kept so through any number of forwards (no collectives: each
     process may run a different number, as a split evaluation does), then sharded again."""
-    if root is None:
-        yield
-        return
     modules = _fsdp_modules(root)
     for m in modules:
         m.set_reshard_after_forward(False)

@@ -224,10 +224,12 @@ def train_loop(
     seen: dict[str, float] = {}
     train_time, elapsed = 0.0, 0.0
 
+    def on_device(batch: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def example_loss(example: dict):  # DP-SGD: one example's loss, for its own gradient
-        example = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in example.items()}
         with autocast(device, amp):
-            return loss_fn(model, example)
+            return loss_fn(model, on_device(example))
 
     step = start
     for step in range(start + 1, steps + 1):
@@ -245,7 +247,7 @@ def train_loop(
             step_seen = {k: sums.pop(k) for k in list(sums) if k.startswith("seen_")}
         for j, batch in enumerate(micro):
             weight = 0.0 if batch.pop("ghost", False) else processes  # DDP averages: scale by the processes
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = on_device(batch)
             with distributed.no_sync_for(no_sync, last=j == len(micro) - 1):  # one gradient exchange a step
                 with autocast(device, amp):
                     loss_sum, info = loss_fn(model, batch)

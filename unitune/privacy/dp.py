@@ -108,8 +108,10 @@ class DPSGD:
         return acc.get_epsilon(delta=self.cfg.delta)
 
     def epsilon(self) -> float:
-        return math.inf if self.sigma == 0 else self.accountant.get_epsilon(delta=self.cfg.delta) \
-            if self.accountant.history else 0.0
+        """Spent so far."""
+        if self.sigma == 0:
+            return math.inf
+        return self.accountant.get_epsilon(delta=self.cfg.delta) if self.accountant.history else 0.0
 
     def step(self, params: list[torch.Tensor], batch: dict, loss_of: Callable[[dict], tuple], count,
              stop: Callable[[str], None]) -> tuple:
@@ -126,9 +128,9 @@ class DPSGD:
             if not torch.isfinite(loss):
                 stop(f"an example's loss became {loss.item()}")
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
-            scale = min(1.0, C / (norm.item() + 1e-6))
-            clipped += norm.item() > C
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
+            scale = min(1.0, C / (norm + 1e-6))
+            clipped += norm > C
             for s, g in zip(summed, grads):
                 if g is not None:
                     s.add_(g, alpha=scale)
